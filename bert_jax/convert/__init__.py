@@ -1,0 +1,1 @@
+"""HF <-> bert_jax checkpoint conversion: one mapping table per family."""

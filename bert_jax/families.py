@@ -1,0 +1,69 @@
+"""The model families bert_jax implements, and how a `config.json` picks one.
+
+A family bundles its config class, its Flax modules and its HF mapping table, so loading,
+saving and the CLI stay family-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from bert_jax.convert import bert as bert_mapping
+from bert_jax.errors import BertJaxError
+from bert_jax.modeling import bert
+from bert_jax.modeling.config import NORM_PLACEMENT, BertConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    config_cls: type
+    build_module: Callable
+    example_inputs: Callable
+    mapping: ModuleType  # rules, canonical_state_dict, ignorable_keys, hf_key_for_save, ...
+    matches: Callable[[dict[str, Any]], bool]
+
+    def abstract_variables(self, config) -> dict[str, Any]:
+        """Boxed (logically partitioned) param shapes of the model, without allocating them."""
+        module = self.build_module(config)
+        return jax.eval_shape(module.init, jax.random.key(0), **self.example_inputs(config))
+
+    def init_params(self, config, seed: int = 0) -> dict[str, Any]:
+        """Freshly initialised params (unboxed), as `transformers` would for a new model."""
+        module = self.build_module(config)
+        variables = jax.jit(module.init)(jax.random.key(seed), **self.example_inputs(config))
+        return nn.meta.unbox(variables["params"])
+
+
+BERT = Family(
+    name="bert",
+    config_cls=BertConfig,
+    build_module=bert.build_module,
+    example_inputs=bert.example_inputs,
+    mapping=bert_mapping,
+    matches=lambda hf: hf.get("model_type") in NORM_PLACEMENT,
+)
+
+FAMILIES = (BERT,)
+
+
+def family_of(hf_config: dict[str, Any], source: str) -> Family:
+    for family in FAMILIES:
+        if family.matches(hf_config):
+            return family
+    supported = ", ".join(sorted(NORM_PLACEMENT))
+    raise BertJaxError(f"{source}: model_type {hf_config.get('model_type')!r} "
+                       f"(architectures {hf_config.get('architectures')}) is not supported "
+                       f"(supported model_type: {supported})")
+
+
+def family_of_config(config) -> Family:
+    for family in FAMILIES:
+        if isinstance(config, family.config_cls):
+            return family
+    raise TypeError(f"not a bert_jax model config: {type(config).__name__}")

@@ -1,0 +1,1 @@
+"""Model definitions: configs, the attention core, layers, BERT-family modules and heads."""

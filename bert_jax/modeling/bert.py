@@ -1,0 +1,280 @@
+"""BERT and Megatron-BERT encoders and every task model of `transformers`.
+
+One implementation; `config.norm_placement` switches between BERT (post-LN: embedding LN,
+LN after each residual add) and Megatron-BERT (pre-LN: no embedding LN, LN before attention
+and MLP, a final LN on the encoder output).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.modeling import losses
+from bert_jax.modeling.attention import AttentionMask, attend
+from bert_jax.modeling.config import BertConfig
+from bert_jax.modeling.heads import Classifier, MaskedLMHead, Pooler
+from bert_jax.modeling.layers import activation, dense, embed, layer_norm
+from bert_jax.modeling.outputs import (
+    BaseModelOutput,
+    LogitsOutput,
+    PreTrainingOutput,
+    QuestionAnsweringOutput,
+)
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT, deterministic):
+        c = self.config
+        kw = dict(std=c.initializer_range, dtype=jnp.float32, param_dtype=c.param_dtype)
+        x_BTD = (embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), name="word_embeddings", **kw)(input_ids_BT)
+                 + embed(c.type_vocab_size, c.hidden_size, ("token_types", "embed"),
+                         name="token_type_embeddings", **kw)(token_type_ids_BT)
+                 + embed(c.max_position_embeddings, c.hidden_size, ("positions", "embed"),
+                         name="position_embeddings", **kw)(position_ids_BT))
+        if c.norm_placement == "post":
+            x_BTD = layer_norm(c.layer_norm_eps, param_dtype=c.param_dtype, name="norm")(x_BTD)
+        x_BTD = nn.Dropout(c.hidden_dropout_prob)(x_BTD, deterministic=deterministic)
+        return x_BTD.astype(c.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with biased q/k/v/out projections, through the attention core."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, mask: AttentionMask, deterministic):
+        c = self.config
+        heads = (c.num_attention_heads, c.head_dim)
+        kw = dict(std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype)
+        q_BTNH = dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x_BTD)
+        k_BTNH = dense(heads, ("embed", "heads", "kv"), name="key", **kw)(x_BTD)
+        v_BTNH = dense(heads, ("embed", "heads", "kv"), name="value", **kw)(x_BTD)
+        dropout_rng = None
+        if not deterministic and c.attention_probs_dropout_prob > 0:
+            dropout_rng = self.make_rng("dropout")
+        o_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask, backend=c.attention_backend,
+                        dropout_rate=c.attention_probs_dropout_prob, dropout_rng=dropout_rng)
+        return dense(c.hidden_size, ("heads", "kv", "embed"), in_axes=(-2, -1), name="out",
+                     **kw)(o_BTNH)
+
+
+class Layer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, mask: AttentionMask, deterministic):
+        c = self.config
+        norm_kw = dict(param_dtype=c.param_dtype)
+        dense_kw = dict(std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype)
+        dropout = nn.Dropout(c.hidden_dropout_prob)
+        attention_norm = layer_norm(c.layer_norm_eps, name="attention_norm", **norm_kw)
+        mlp_norm = layer_norm(c.layer_norm_eps, name="mlp_norm", **norm_kw)
+        attention = SelfAttention(c, name="attention")
+
+        def mlp(h):
+            h = dense(c.intermediate_size, ("embed", "mlp"), name="mlp_in", **dense_kw)(h)
+            h = activation(c.hidden_act)(h)
+            return dense(c.hidden_size, ("mlp", "embed"), name="mlp_out", **dense_kw)(h)
+
+        if c.norm_placement == "post":
+            x = attention_norm(x_BTD + dropout(attention(x_BTD, mask, deterministic), deterministic))
+            x = mlp_norm(x + dropout(mlp(x.astype(c.dtype)), deterministic))
+        else:
+            x = x_BTD + dropout(attention(attention_norm(x_BTD).astype(c.dtype), mask, deterministic),
+                                deterministic)
+            x = x + dropout(mlp(mlp_norm(x).astype(c.dtype)), deterministic)
+        return x.astype(c.dtype)
+
+
+class BertModel(nn.Module):
+    """Embeddings, the layer stack and (optionally) the pooler: HF `BertModel`."""
+
+    config: BertConfig
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True, output_hidden_states: bool = False) -> BaseModelOutput:
+        """Inputs are [B, T] integer arrays, named as in `transformers`."""
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        mask = AttentionMask(key_padding_BS=attention_mask)
+
+        x_BTD = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                                 deterministic)
+        hidden_states = [x_BTD]
+        for i in range(c.num_hidden_layers):
+            x_BTD = Layer(c, name=f"layer_{i}")(x_BTD, mask, deterministic)
+            hidden_states.append(x_BTD)
+        if c.norm_placement == "pre":
+            x_BTD = layer_norm(c.layer_norm_eps, param_dtype=c.param_dtype,
+                               name="final_norm")(x_BTD).astype(c.dtype)
+            hidden_states[-1] = x_BTD
+        pooled_BD = Pooler(c, name="pooler")(x_BTD) if self.add_pooling_layer else None
+        return BaseModelOutput(
+            last_hidden_state=x_BTD,
+            pooler_output=pooled_BD,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+
+
+def _word_embeddings(bert: BertModel) -> jax.Array:
+    """The word embedding table of a bound BertModel, for the tied MLM decoder."""
+    return nn.meta.unbox(bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
+
+
+class BertForPreTraining(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, next_sentence_label=None, deterministic=True,
+                 output_hidden_states=False) -> PreTrainingOutput:
+        bert = BertModel(self.config, name="bert")
+        out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+                   output_hidden_states)
+        mlm_logits = MaskedLMHead(self.config, name="mlm")(out.last_hidden_state,
+                                                           _word_embeddings(bert))
+        nsp_logits = Classifier(self.config, 2, name="nsp")(out.pooler_output, deterministic)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = losses.cross_entropy(mlm_logits, labels) + losses.cross_entropy(
+                nsp_logits, next_sentence_label)
+        return PreTrainingOutput(mlm_logits, nsp_logits, loss, out.hidden_states)
+
+
+class BertForMaskedLM(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        bert = BertModel(self.config, add_pooling_layer=False, name="bert")
+        out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+                   output_hidden_states)
+        logits = MaskedLMHead(self.config, name="mlm")(out.last_hidden_state, _word_embeddings(bert))
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class BertForNextSentencePrediction(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        out = BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids,
+                                                  position_ids, deterministic, output_hidden_states)
+        logits = Classifier(self.config, 2, name="nsp")(out.pooler_output, deterministic)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Single-label, multi-label or regression on the pooled [CLS] vector."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
+                                        deterministic, output_hidden_states)
+        logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
+            out.pooler_output, deterministic)
+        loss = None
+        if labels is not None:
+            loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class BertForTokenClassification(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = BertModel(c, add_pooling_layer=False, name="bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+            output_hidden_states)
+        logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
+            out.last_hidden_state, deterministic)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class BertForQuestionAnswering(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 start_positions=None, end_positions=None, deterministic=True,
+                 output_hidden_states=False) -> QuestionAnsweringOutput:
+        out = BertModel(self.config, add_pooling_layer=False, name="bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+            output_hidden_states)
+        logits_BT2 = Classifier(self.config, 2, name="qa_outputs")(out.last_hidden_state,
+                                                                   deterministic)
+        start_logits, end_logits = logits_BT2[..., 0], logits_BT2[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringOutput(start_logits, end_logits, loss, out.hidden_states)
+
+
+class BertForMultipleChoice(nn.Module):
+    """Inputs are [B, C, T]; each choice is scored from its pooled vector."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        num_choices = input_ids.shape[1]
+
+        def flat(x):
+            return None if x is None else x.reshape(-1, x.shape[-1])
+
+        out = BertModel(c, name="bert")(flat(input_ids), flat(attention_mask), flat(token_type_ids),
+                                        flat(position_ids), deterministic, output_hidden_states)
+        logits = Classifier(c, 1, c.classifier_dropout_prob, name="classifier")(
+            out.pooler_output, deterministic).reshape(-1, num_choices)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+TASK_MODELS = {
+    "Model": BertModel,
+    "ForPreTraining": BertForPreTraining,
+    "ForMaskedLM": BertForMaskedLM,
+    "ForNextSentencePrediction": BertForNextSentencePrediction,
+    "ForSequenceClassification": BertForSequenceClassification,
+    "ForTokenClassification": BertForTokenClassification,
+    "ForQuestionAnswering": BertForQuestionAnswering,
+    "ForMultipleChoice": BertForMultipleChoice,
+}
+
+
+def build_module(config: BertConfig) -> nn.Module:
+    """The Flax module for `config.architectures[0]`."""
+    return TASK_MODELS[config.head](config)
+
+
+def example_inputs(config: BertConfig) -> dict[str, jax.Array]:
+    """The smallest inputs `module.init` accepts ([B, C, T] for multiple choice)."""
+    shape = (1, 1, 1) if config.head == "ForMultipleChoice" else (1, 1)
+    return {"input_ids": jnp.zeros(shape, jnp.int32)}

@@ -1,0 +1,40 @@
+"""Model outputs with the field names of `transformers`, as pytrees (they leave `jax.jit`)."""
+
+from __future__ import annotations
+
+import jax
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class BaseModelOutput:
+    last_hidden_state: Array
+    pooler_output: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+
+
+@struct.dataclass
+class PreTrainingOutput:
+    prediction_logits: Array
+    seq_relationship_logits: Array
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+
+
+@struct.dataclass
+class LogitsOutput:
+    """Masked LM, next sentence, sequence / token classification and multiple choice."""
+
+    logits: Array
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+
+
+@struct.dataclass
+class QuestionAnsweringOutput:
+    start_logits: Array
+    end_logits: Array
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None

@@ -1,0 +1,137 @@
+"""`bert_jax.from_pretrained` and the model object it returns.
+
+The object holds the pure pieces (`config`, `params`, `module`) and a jit-compiled forward;
+calling it takes NumPy or JAX arrays named as in `transformers` and returns outputs with the
+`transformers` field names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.convert import hf_dir
+from bert_jax.convert.weight_files import find_weights, read_state_dict
+from bert_jax.errors import BertJaxError
+from bert_jax.families import family_of_config
+from bert_jax.training import checkpointing
+
+# Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+class PretrainedModel:
+    def __init__(self, config, params, source_dir: Path | None = None):
+        self.config = config
+        self.params = params
+        self.module = family_of_config(config).build_module(config)
+        self.source_dir = source_dir  # where tokenizer files come from
+        self._forward = jax.jit(self._apply, static_argnames=("output_hidden_states",))
+
+    def _apply(self, params, inputs, output_hidden_states):
+        return self.module.apply({"params": params}, **inputs,
+                                 output_hidden_states=output_hidden_states)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 output_hidden_states: bool = False, **kwargs):
+        """Inference forward (dropout off). Labels given as kwargs add `loss` to the output."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "token_type_ids": token_type_ids, **kwargs}
+        inputs = {k: jnp.asarray(v) for k, v in inputs.items() if v is not None}
+        self._check_inputs(inputs)
+        return self._forward(self.params, inputs, output_hidden_states)
+
+    def _check_inputs(self, inputs: dict[str, jax.Array]) -> None:
+        """Catch what JAX would silently clamp: too long inputs and out-of-range ids."""
+        c = self.config
+        ids = inputs["input_ids"]
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise BertJaxError(f"input_ids must be integers, got {ids.dtype}")
+        limit = getattr(c, "max_position_embeddings", None)
+        if limit is not None and ids.shape[-1] > limit:
+            raise BertJaxError(f"input has {ids.shape[-1]} tokens, more than "
+                               f"max_position_embeddings={limit} in config.json")
+        for name, size_field in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
+            if name in inputs and inputs[name].size:
+                size = getattr(c, size_field)
+                low, high = int(inputs[name].min()), int(inputs[name].max())
+                if low < 0 or high >= size:
+                    raise BertJaxError(f"{name} contains {low if low < 0 else high}, outside "
+                                       f"[0, {size}) ({size_field} in config.json)")
+
+    def save_pretrained(self, out_dir: str | Path, *, format: str = "hf",
+                        max_shard_size: int | None = None) -> Path:
+        """Write a Hugging Face directory (default) or an Orbax checkpoint directory."""
+        if format == "hf":
+            return hf_dir.save_hf_dir(self.config, self.params, out_dir,
+                                      tokenizer_dir=self.source_dir, max_shard_bytes=max_shard_size)
+        if format == "orbax":
+            return checkpointing.save_params(self.config, self.params, out_dir,
+                                             tokenizer_dir=self.source_dir)
+        raise BertJaxError(f"unknown format {format!r} (expected 'hf' or 'orbax')")
+
+    def __repr__(self) -> str:
+        n = sum(x.size for x in jax.tree.leaves(self.params))
+        return f"PretrainedModel({self.config.architecture}, {n:,} params, dtype={self.config.dtype})"
+
+
+def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
+                    num_labels: int | None = None, seed: int = 0, revision: str | None = None,
+                    **runtime: Any) -> PretrainedModel:
+    """Load an HF directory, a bert_jax Orbax directory, or a Hub model id.
+
+    head: another task head than `config.architectures[0]`, e.g. "ForSequenceClassification"
+        (missing head weights are initialised from `seed`, as `transformers` does).
+    runtime: `dtype`, `param_dtype`, `attention_backend`.
+    """
+    model_dir = _resolve(name_or_path, revision)
+    is_hf, is_orbax = hf_dir.is_hf_dir(model_dir), checkpointing.is_orbax_dir(model_dir)
+    if not (is_hf or is_orbax):
+        raise BertJaxError(f"{model_dir}: no model found (expected config.json with "
+                           f"model.safetensors / pytorch_model.bin, or with an Orbax params/ dir)")
+    saved_config = hf_dir.load_config(model_dir, **runtime)
+    config = saved_config
+    if head is not None or num_labels is not None:
+        config = saved_config.with_head(head or saved_config.head, num_labels)
+
+    if is_hf:
+        state_dict, source = read_state_dict(model_dir), str(find_weights(model_dir))
+    else:
+        saved = checkpointing.load_params(model_dir, _abstract_params(saved_config))
+        if config == saved_config:
+            return PretrainedModel(config, saved, model_dir)
+        state_dict = hf_dir.hf_state_dict(saved_config, saved)
+        source = str(model_dir / checkpointing.PARAMS_DIR)
+    return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)
+
+
+def _abstract_params(config):
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed = family_of_config(config).abstract_variables(config)["params"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        nn.meta.unbox(boxed))
+
+
+def _resolve(name_or_path: str | Path, revision: str | None) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise BertJaxError(f"{name}: no such directory")
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        files = list_repo_files(name, revision=revision)
+        patterns = list(_HUB_PATTERNS)
+        if not any(f.endswith(".safetensors") for f in files):
+            patterns.append("pytorch_model*.bin")
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, gated, ...
+        raise BertJaxError(f"{name}: not a local directory, and the Hub download failed "
+                           f"({type(err).__name__}: {err})") from None
+

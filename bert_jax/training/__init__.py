@@ -1,0 +1,1 @@
+"""Optimizers, train steps, the trainer loop and checkpointing."""

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bert_jax",
+    version="0.1.0",
+    description="Pretrain, fine-tune, convert and serve BERT-family encoders in JAX/Flax "
+    "with exact Hugging Face parity.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bert_jax", "bert_jax.*"]),
+    # Versions tested together on CPU (Python 3.11); jax picks the CPU wheel by default,
+    # use `pip install "jax[cuda12]"` / `"jax[tpu]"` on accelerators.
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "safetensors>=0.8.0",
+        "tokenizers>=0.23.3",
+        "sentencepiece>=0.2.3",
+        "numpy>=2.0",
+        "huggingface_hub>=1.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            # The CPU wheel: a looser spec pulls a multi-GB CUDA build.
+            "torch==2.13.0",
+            "transformers==5.23.0",
+        ],
+    },
+    entry_points={"console_scripts": ["bert-jax=bert_jax.cli:main"]},
+)
