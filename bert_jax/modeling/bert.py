@@ -134,6 +134,18 @@ def _word_embeddings(bert: BertModel) -> jax.Array:
     return nn.meta.unbox(bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
 
 
+class BertForBaseModel(nn.Module):
+    """HF `BertModel` under the `bert` name, so every task model shares the encoder subtree."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic=True, output_hidden_states=False) -> BaseModelOutput:
+        return BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids,
+                                                   position_ids, deterministic, output_hidden_states)
+
+
 class BertForPreTraining(nn.Module):
     config: BertConfig
 
@@ -258,7 +270,7 @@ class BertForMultipleChoice(nn.Module):
 
 
 TASK_MODELS = {
-    "Model": BertModel,
+    "Model": BertForBaseModel,
     "ForPreTraining": BertForPreTraining,
     "ForMaskedLM": BertForMaskedLM,
     "ForNextSentencePrediction": BertForNextSentencePrediction,

@@ -1,0 +1,77 @@
+"""Tiny random Hugging Face models built inside the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {"bert": ("Bert", "BertConfig"), "megatron-bert": ("MegatronBert", "MegatronBertConfig")}
+HEADS = ("Model", "ForPreTraining", "ForMaskedLM", "ForNextSentencePrediction",
+         "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+         "ForMultipleChoice")
+VOCAB = 99
+
+
+def make_hf_model(model_type: str = "bert", head: str = "ForMaskedLM", seed: int = 0, **overrides):
+    """A tiny `transformers` model with every parameter randomised (LN and biases included),
+    so a mis-mapped tensor cannot hide behind an init of ones or zeros."""
+    prefix, config_name = FAMILIES[model_type]
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,
+                  num_labels=2 if head == "ForQuestionAnswering" else 3,
+                  attn_implementation="eager")
+    kwargs.update(overrides)
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + head)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def save_hf_model(model, path) -> str:
+    model.save_pretrained(path)
+    return str(path)
+
+
+def example_batch(head: str = "ForMaskedLM", batch: int = 3, length: int = 11, seed: int = 0):
+    """input_ids / attention_mask (right padding) / token_type_ids as int64 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, VOCAB, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row in range(1, batch):
+        mask[row, length - 3 * row:] = 0
+    ids = np.where(mask == 1, ids, 0)
+    types = np.zeros((batch, length), np.int64)
+    types[:, length // 2:] = 1
+    types *= mask
+    if head == "ForMultipleChoice":  # [B, C, T] with 2 choices
+        ids = np.stack([ids, np.roll(ids, 1, axis=0)], axis=1)
+        mask = np.stack([mask, np.roll(mask, 1, axis=0)], axis=1)
+        types = np.stack([types, np.roll(types, 1, axis=0)], axis=1)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def run_hf(model, batch, **labels):
+    with torch.no_grad():
+        inputs = {k: torch.as_tensor(v) for k, v in {**batch, **labels}.items()}
+        return model(**inputs, output_hidden_states=True)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Factory: hf_dir(model_type, head, **config) -> (torch model, saved directory)."""
+
+    def make(model_type="bert", head="ForMaskedLM", name="hf", **overrides):
+        model = make_hf_model(model_type, head, **overrides)
+        return model, save_hf_model(model, tmp_path / name)
+
+    return make
