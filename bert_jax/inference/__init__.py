@@ -1,0 +1,1 @@
+"""Inference pipelines: fill-mask (more come with the fine-tuning work)."""
