@@ -12,7 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from bert_jax.convert import hf_dir
 from bert_jax.convert.weight_files import find_weights, read_state_dict
@@ -41,15 +41,15 @@ class PretrainedModel:
         """Inference forward (dropout off). Labels given as kwargs add `loss` to the output."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids, **kwargs}
-        inputs = {k: jnp.asarray(v) for k, v in inputs.items() if v is not None}
-        self._check_inputs(inputs)
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        self._check_inputs({k: np.asarray(v) for k, v in inputs.items()})
         return self._forward(self.params, inputs, output_hidden_states)
 
-    def _check_inputs(self, inputs: dict[str, jax.Array]) -> None:
-        """Catch what JAX would silently clamp: too long inputs and out-of-range ids."""
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Catch on the host what JAX would silently clamp or get wrong."""
         c = self.config
         ids = inputs["input_ids"]
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
+        if not np.issubdtype(ids.dtype, np.integer):
             raise BertJaxError(f"input_ids must be integers, got {ids.dtype}")
         limit = getattr(c, "max_position_embeddings", None)
         if limit is not None and ids.shape[-1] > limit:
@@ -62,6 +62,11 @@ class PretrainedModel:
                 if low < 0 or high >= size:
                     raise BertJaxError(f"{name} contains {low if low < 0 else high}, outside "
                                        f"[0, {size}) ({size_field} in config.json)")
+        mask = inputs.get("attention_mask")
+        if c.attention_backend == "cudnn" and mask is not None:
+            if np.any(np.diff(mask.astype(np.int8), axis=-1) > 0):
+                raise BertJaxError("attention_backend 'cudnn' needs right padding "
+                                   "(attention_mask of 1s then 0s in every row)")
 
     def save_pretrained(self, out_dir: str | Path, *, format: str = "hf",
                         max_shard_size: int | None = None) -> Path:

@@ -154,13 +154,6 @@ def test_legacy_names_in_bin(hf_dir, model_type):
     assert_same_logits(path, model)
 
 
-UNTIED_BIAS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "library bug: with tie_word_embeddings=False, transformers 5 keeps "
-    "cls.predictions.decoder.bias as its own parameter (the one forward uses), but "
-    "convert/bert.py maps cls.predictions.bias and ignores decoder.bias"))
-
-
-@UNTIED_BIAS_BUG
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_untied_decoder_load(hf_dir, model_type):
     """An untied masked LM (own decoder weight and bias) loads to the torch model's logits."""
@@ -170,7 +163,6 @@ def test_untied_decoder_load(hf_dir, model_type):
     assert_same_logits(path, model)
 
 
-@UNTIED_BIAS_BUG
 def test_untied_decoder_save(hf_dir, tmp_path):
     """An untied masked LM saved by bert_jax reloads in transformers with the same logits."""
     model, path = hf_dir("bert", "ForMaskedLM", tie_word_embeddings=False)
@@ -366,19 +358,10 @@ def invalid_pytorch_bin(d):
     return [str(d / "pytorch_model.bin")]
 
 
-def _bug(reason):
-    return pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError),
-                             reason="library bug: " + reason)
-
-
 BREAKERS = [
     unknown_model_type, unknown_architecture, missing_tensor, wrong_shape, truncated_safetensors,
     no_weights, empty_directory, missing_shard, tensor_in_no_shard, invalid_config_json,
-    invalid_pytorch_bin,
-    pytest.param(weight_map_not_strings, marks=_bug(
-        "weight_files.read_state_dict joins non-string weight_map values: TypeError")),
-    pytest.param(nested_pytorch_bin, marks=_bug(
-        "weight_files._torch_to_numpy is called on non-tensor values: AttributeError")),
+    invalid_pytorch_bin, weight_map_not_strings, nested_pytorch_bin,
 ]
 
 

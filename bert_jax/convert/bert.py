@@ -14,6 +14,7 @@ from bert_jax.modeling.config import BertConfig
 ENCODER_PREFIX = "bert."
 HEAD_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
 _BUFFERS = ("position_ids", "token_type_ids")  # non-persistent in current transformers
+_MLM_BIAS, _DECODER_BIAS = "cls.predictions.bias", "cls.predictions.decoder.bias"
 
 _NORMS = {  # norm param name -> HF module, per norm placement
     "post": {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"},
@@ -58,9 +59,11 @@ def rules(config: BertConfig) -> list[Rule]:
     if head in ("ForPreTraining", "ForMaskedLM"):
         table += _dense("cls.predictions.transform.dense", ("mlm", "transform"))
         table += _norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
-        table.append(Rule("cls.predictions.bias", ("mlm", "bias")))
-        if not config.tie_word_embeddings:
+        if config.tie_word_embeddings:
+            table.append(Rule("cls.predictions.bias", ("mlm", "bias")))
+        else:  # transformers then keeps decoder.bias as the parameter the forward uses
             table.append(Rule("cls.predictions.decoder.weight", ("mlm", "decoder", "kernel"), linear()))
+            table.append(Rule("cls.predictions.decoder.bias", ("mlm", "bias")))
     if head in ("ForPreTraining", "ForNextSentencePrediction"):
         table += _dense("cls.seq_relationship", ("nsp", "dense"))
     if head in ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice"):
@@ -74,7 +77,8 @@ def canonical_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndar
     """Keys as `rules` names them, whatever variant the file uses.
 
     Accepts legacy `LayerNorm.gamma/beta`, base-model files without the `bert.` prefix,
-    stray buffers, and `cls.predictions.decoder.bias` as the only copy of the MLM bias.
+    stray buffers, and either of `cls.predictions.bias` / `.decoder.bias` as the only copy
+    of the MLM bias.
     """
     out = {}
     for key, tensor in state_dict.items():
@@ -87,24 +91,27 @@ def canonical_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndar
         if not key.startswith(ENCODER_PREFIX) and not key.startswith(HEAD_PREFIXES):
             key = ENCODER_PREFIX + key
         out[key] = tensor
-    if "cls.predictions.bias" not in out and "cls.predictions.decoder.bias" in out:
-        out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
+    for key, alias in ((_MLM_BIAS, _DECODER_BIAS), (_DECODER_BIAS, _MLM_BIAS)):
+        if key not in out and alias in out:
+            out[key] = out[alias]
     return out
 
 
 def ignorable_keys(config: BertConfig) -> set[str]:
-    """Keys a file may carry that this model does not read, without a warning: tied aliases."""
-    keys = {"cls.predictions.decoder.bias"}
+    """Keys a file may carry that this model does not read, without a warning: the aliases."""
     if config.tie_word_embeddings:
-        keys.add("cls.predictions.decoder.weight")
-    return keys
+        return {_DECODER_BIAS, "cls.predictions.decoder.weight"}
+    return {_MLM_BIAS}
 
 
-def hf_key_for_save(config: BertConfig, key: str) -> str:
-    """A bare `BertModel` is saved without the `bert.` prefix, as transformers does."""
+def hf_keys_for_save(config: BertConfig, key: str) -> tuple[str, ...]:
+    """The keys transformers saves a tensor under: a bare `BertModel` has no `bert.` prefix;
+    an untied MLM head stores its bias as both `cls.predictions.bias` and `.decoder.bias`."""
     if config.head == "Model":
-        return key.removeprefix(ENCODER_PREFIX)
-    return key
+        return (key.removeprefix(ENCODER_PREFIX),)
+    if key == _DECODER_BIAS:
+        return (_MLM_BIAS, _DECODER_BIAS)
+    return (key,)
 
 
 def may_be_newly_initialised(key: str) -> bool:

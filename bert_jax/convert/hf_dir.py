@@ -79,7 +79,8 @@ def hf_state_dict(config, params, dtype=None) -> dict[str, np.ndarray]:
     table = family_of_config(config).mapping
     tensors = mapping.state_dict_from_params(table.rules(config), traverse_util.flatten_dict(params),
                                              dtype)
-    return {table.hf_key_for_save(config, key): value for key, value in tensors.items()}
+    return {saved: value for key, value in tensors.items()
+            for saved in table.hf_keys_for_save(config, key)}
 
 
 def save_hf_dir(config, params, out_dir: str | Path, *, tokenizer_dir: Path | None = None,

@@ -41,8 +41,8 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
         raise BertJaxError(f"{model_dir}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
     if path.name.endswith(".index.json"):
         weight_map = read_json(path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise BertJaxError(f"{path}: no 'weight_map' in the index")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BertJaxError(f"{path}: no 'weight_map' of tensor names to shard files in the index")
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = model_dir / shard
@@ -82,6 +82,10 @@ def _read_pytorch(path: Path) -> dict[str, np.ndarray]:
         raise BertJaxError(f"{path}: cannot be read safely as a PyTorch state dict ({err})") from None
     if not isinstance(state, dict):
         raise BertJaxError(f"{path}: expected a state dict, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise BertJaxError(f"{path}: not a flat state dict of tensors ({key!r} is a "
+                               f"{type(value).__name__}; a training checkpoint?)")
     return {key: _torch_to_numpy(value) for key, value in state.items()}
 
 

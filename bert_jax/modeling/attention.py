@@ -5,7 +5,9 @@ segment ids of packed sequences, causal, a sliding window) and dispatches to a b
 
 * "reference": plain XLA einsums with an fp32 softmax. The test oracle for the others.
 * "jax":       `jax.nn.dot_product_attention`, letting JAX pick the implementation.
-* "cudnn":     `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on GPU.
+* "cudnn":     `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on GPU
+               (bf16/fp16). Padding reaches it as sequence lengths, so it must be on the
+               right (the tokenizers' default); causal and windows are native.
 
 Shapes: B batch, T query length, S key length, N heads, H head dim.
 """
@@ -73,11 +75,28 @@ def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "refer
     dense_mask = mask.to_dense(q_BTNH.shape[1], k_BSNH.shape[1])
     if backend == "reference":
         return _reference(q_BTNH, k_BSNH, v_BSNH, dense_mask, scale, dropout_rate, dropout_rng)
-    if backend in ("jax", "cudnn"):
-        return jax.nn.dot_product_attention(
-            q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale,
-            implementation="cudnn" if backend == "cudnn" else None)
+    if backend == "jax":
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
+    if backend == "cudnn":
+        return _cudnn(q_BTNH, k_BSNH, v_BSNH, mask, scale)
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def _cudnn(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, scale):
+    batch, query_length, key_length = q_BTNH.shape[0], q_BTNH.shape[1], k_BSNH.shape[1]
+    lengths_B = None
+    if mask.key_padding_BS is not None:
+        lengths_B = jnp.sum(mask.key_padding_BS.astype(jnp.int32), axis=-1)
+    segments_mask = None
+    if mask.query_segment_ids_BT is not None:
+        segments_only = AttentionMask(query_segment_ids_BT=mask.query_segment_ids_BT,
+                                      key_segment_ids_BS=mask.key_segment_ids_BS)
+        segments_mask = jnp.broadcast_to(segments_only.to_dense(query_length, key_length),
+                                         (batch, 1, query_length, key_length))
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH, v_BSNH, mask=segments_mask, scale=scale, is_causal=mask.causal,
+        query_seq_lengths=lengths_B if query_length == key_length else None,
+        key_value_seq_lengths=lengths_B, local_window_size=mask.window, implementation="cudnn")
 
 
 def _reference(q_BTNH, k_BSNH, v_BSNH, mask, scale, dropout_rate, dropout_rng):

@@ -75,6 +75,9 @@ class BertConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise BertJaxError(f"attention_backend {self.attention_backend!r} is not one of "
                                f"{ATTENTION_BACKENDS}")
+        if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
+                               f"not {self.dtype}")
         self.head  # validates `architectures`
 
     # Derived facts ---------------------------------------------------------------------------
@@ -163,8 +166,9 @@ class BertConfig:
         if self.labels is not None:
             out["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
             out["label2id"] = {label: i for i, label in enumerate(self.labels)}
-        if self.problem_type is None:
-            del out["problem_type"]
+        for optional in ("problem_type", "classifier_dropout"):  # None is transformers' default
+            if out[optional] is None:
+                del out[optional]
         return dict(sorted(out.items()))
 
     @classmethod
