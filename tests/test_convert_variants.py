@@ -417,3 +417,12 @@ def test_longest_valid_input(tiny_model):
     """Exactly max_position_embeddings tokens is accepted."""
     out = tiny_model(np.full((1, 64), VOCAB - 1, np.int64))
     assert out.logits.shape == (1, 64, VOCAB)
+
+
+def test_hub_id_offline_is_a_clean_error(monkeypatch):
+    """A Hub id that cannot be fetched (here: offline mode) names the id and the cause."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time
+    with pytest.raises(bert_jax.BertJaxError, match="ltg/norbert4-base: not a local directory"):
+        bert_jax.from_pretrained("ltg/norbert4-base")
