@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
 
-    from bert_jax.modeling.config import preset
+    from bert_jax.modeling.presets import preset
 
     config = preset(args.model, dtype=args.dtype, attention_backend=args.backend)
     config = dataclasses.replace(config, architectures=(config.class_prefix + "ForMaskedLM",))

@@ -1,8 +1,10 @@
 """bert_jax: BERT-family encoders in JAX/Flax with exact Hugging Face parity."""
 
 from bert_jax.errors import BertJaxError
-from bert_jax.modeling.config import PRESETS, BertConfig, preset
+from bert_jax.modeling.config import BertConfig
+from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.presets import PRESETS, preset
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["BertConfig", "BertJaxError", "PRESETS", "PretrainedModel", "from_pretrained", "preset"]
+__all__ = ["BertConfig", "GptBertConfig", "BertJaxError", "PRESETS", "PretrainedModel", "from_pretrained", "preset"]

@@ -13,7 +13,7 @@ from bert_jax.convert.weight_files import read_state_dict
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.families import BERT
 from bert_jax.inference.fill_mask import fill_mask
-from bert_jax.modeling.config import preset
+from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 
 CORPUS = [

@@ -51,12 +51,12 @@ class PretrainedModel:
         ids = inputs["input_ids"]
         if not np.issubdtype(ids.dtype, np.integer):
             raise BertJaxError(f"input_ids must be integers, got {ids.dtype}")
-        limit = getattr(c, "max_position_embeddings", None)
-        if limit is not None and ids.shape[-1] > limit:
+        limit_field, limit = c.max_length
+        if ids.shape[-1] > limit:
             raise BertJaxError(f"input has {ids.shape[-1]} tokens, more than "
-                               f"max_position_embeddings={limit} in config.json")
+                               f"{limit_field}={limit} in config.json")
         for name, size_field in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
-            if name in inputs and inputs[name].size:
+            if name in inputs and inputs[name].size and hasattr(c, size_field):
                 size = getattr(c, size_field)
                 low, high = int(inputs[name].min()), int(inputs[name].max())
                 if low < 0 or high >= size:

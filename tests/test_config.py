@@ -12,7 +12,7 @@ from conftest import make_hf_model, save_hf_model, torch, transformers
 
 import bert_jax
 from bert_jax.families import BERT
-from bert_jax.modeling.config import BertConfig
+from bert_jax.modeling.config import BERT_PRESETS, BertConfig
 
 
 @pytest.mark.parametrize("model_type,head", [("bert", "ForTokenClassification"),
@@ -42,7 +42,7 @@ def count_torch_params(config: BertConfig, cls_name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(bert_jax.PRESETS))
+@pytest.mark.parametrize("name", sorted(BERT_PRESETS))
 def test_presets_match_transformers_parameter_count(name):
     """Each preset has exactly as many parameters as the transformers model of that config."""
     config = bert_jax.preset(name)

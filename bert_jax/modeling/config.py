@@ -1,9 +1,9 @@
-"""BERT / Megatron-BERT configuration: a frozen dataclass that reads and writes HF `config.json`.
+"""Model configurations: frozen dataclasses that read and write HF `config.json`.
 
-Architecture fields use the Hugging Face names so a config round-trips unchanged; keys that
-bert_jax does not use (e.g. `transformers_version`, `use_cache`) are kept in `extra` and
-written back. `dtype`, `param_dtype` and `attention_backend` are runtime choices and never
-reach `config.json`.
+Architecture fields use each family's Hugging Face names, so a config round-trips unchanged;
+keys that bert_jax does not use (e.g. `transformers_version`) are kept in `extra` and
+written back. `dtype`, `param_dtype` and `attention_backend` (and a family's other runtime
+fields) are choices of this run and never reach `config.json`.
 """
 
 from __future__ import annotations
@@ -11,30 +11,130 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from bert_jax.errors import BertJaxError
 from bert_jax.files import read_json
 
-# model_type -> where the LayerNorms sit (BERT: after each residual add; Megatron: before).
-NORM_PLACEMENT = {"bert": "post", "megatron-bert": "pre"}
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 ATTENTION_BACKENDS = ("reference", "jax", "cudnn")
-HEADS = (
-    "Model",
-    "ForPreTraining",
-    "ForMaskedLM",
-    "ForNextSentencePrediction",
-    "ForSequenceClassification",
-    "ForTokenClassification",
-    "ForQuestionAnswering",
-    "ForMultipleChoice",
-)
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_backend", "extra")
+_LABEL_KEYS = ("id2label", "label2id", "num_labels")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class ModelConfig:
+    """What every family shares: task head, labels, runtime choices and HF (de)serialisation."""
+
+    HEADS: ClassVar[tuple[str, ...]] = ()
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend",
+                                                 "extra")
+
+    architectures: tuple[str, ...] = ()
+    labels: tuple[str, ...] | None = None  # HF id2label, in id order
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+    # Runtime only.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_backend: str = "reference"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise BertJaxError(f"attention_backend {self.attention_backend!r} is not one of "
+                               f"{ATTENTION_BACKENDS}")
+        if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
+                               f"not {self.dtype}")
+        self.head  # validates `architectures`
+
+    @property
+    def class_prefix(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def architecture(self) -> str:
+        return self.architectures[0]
+
+    @property
+    def head(self) -> str:
+        """The task head named by `architectures[0]`, e.g. "ForMaskedLM" or "Model"."""
+        arch, prefix = self.architecture, self.class_prefix
+        if arch.startswith(prefix) and arch[len(prefix):] in self.HEADS:
+            return arch[len(prefix):]
+        known = ", ".join(prefix + h for h in self.HEADS)
+        raise BertJaxError(f"config.json: architecture {arch!r} is not supported for this model "
+                           f"family (known: {known})")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) if self.labels else 2
+
+    def with_head(self, head: str, num_labels: int | None = None):
+        """The same encoder with another task head (and optionally a new label count)."""
+        changes: dict[str, Any] = {"architectures": (self.class_prefix + head,)}
+        if num_labels is not None and num_labels != self.num_labels:
+            changes["labels"] = tuple(f"LABEL_{i}" for i in range(num_labels))
+        return dataclasses.replace(self, **changes)
+
+    # HF config.json ---------------------------------------------------------------------------
+    @classmethod
+    def check_hf_dict(cls, hf: dict[str, Any]) -> None:
+        """Family-specific refusals of a config.json, before any field is read."""
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime):
+        cls.check_hf_dict(hf)
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls.RUNTIME_FIELDS) - {"labels"}
+        kwargs: dict[str, Any] = {k: v for k, v in hf.items() if k in names}
+        kwargs["architectures"] = tuple(hf.get("architectures") or (cls.default_architecture(hf),))
+        if hf.get("id2label"):
+            id2label = {int(k): v for k, v in hf["id2label"].items()}
+            kwargs["labels"] = tuple(id2label[i] for i in range(len(id2label)))
+        elif "num_labels" in hf:
+            kwargs["labels"] = tuple(f"LABEL_{i}" for i in range(int(hf["num_labels"])))
+        extra = {k: v for k, v in hf.items() if k not in names and k not in _LABEL_KEYS}
+        return cls(**kwargs, extra=extra, **runtime)
+
+    @classmethod
+    def default_architecture(cls, hf: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for field in dataclasses.fields(self):
+            if field.name not in self.RUNTIME_FIELDS:
+                out[field.name] = getattr(self, field.name)
+        out["architectures"] = list(self.architectures)
+        del out["labels"]
+        if self.labels is not None:
+            out["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
+            out["label2id"] = {label: i for i, label in enumerate(self.labels)}
+        for optional in ("problem_type", "classifier_dropout"):  # None is transformers' default
+            if out[optional] is None:
+                del out[optional]
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, **runtime):
+        return cls.from_hf_dict(read_json(path), **runtime)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# model_type -> where the LayerNorms sit (BERT: after each residual add; Megatron: before).
+NORM_PLACEMENT = {"bert": "post", "megatron-bert": "pre"}
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(ModelConfig):
+    HEADS: ClassVar[tuple[str, ...]] = (
+        "Model", "ForPreTraining", "ForMaskedLM", "ForNextSentencePrediction",
+        "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+        "ForMultipleChoice")
+
+    architectures: tuple[str, ...] = ("BertForMaskedLM",)
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -48,17 +148,8 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    classifier_dropout: float | None = None
     tie_word_embeddings: bool = True
     model_type: str = "bert"
-    architectures: tuple[str, ...] = ("BertForMaskedLM",)
-    labels: tuple[str, ...] | None = None  # HF id2label, in id order
-    problem_type: str | None = None
-    # Runtime only.
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_backend: str = "reference"
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.model_type not in NORM_PLACEMENT:
@@ -72,15 +163,8 @@ class BertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise BertJaxError(f"config.json: hidden_size {self.hidden_size} is not a multiple of "
                                f"num_attention_heads {self.num_attention_heads}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise BertJaxError(f"attention_backend {self.attention_backend!r} is not one of "
-                               f"{ATTENTION_BACKENDS}")
-        if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
-            raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
-                               f"not {self.dtype}")
-        self.head  # validates `architectures`
+        super().__post_init__()
 
-    # Derived facts ---------------------------------------------------------------------------
     @property
     def norm_placement(self) -> str:
         return NORM_PLACEMENT[self.model_type]
@@ -90,26 +174,13 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def architecture(self) -> str:
-        return self.architectures[0]
-
-    @property
     def class_prefix(self) -> str:
         return "MegatronBert" if self.model_type == "megatron-bert" else "Bert"
 
     @property
-    def head(self) -> str:
-        """The task head named by `architectures[0]`, e.g. "ForMaskedLM" or "Model"."""
-        arch = self.architecture
-        if arch.startswith(self.class_prefix) and arch[len(self.class_prefix):] in HEADS:
-            return arch[len(self.class_prefix):]
-        known = ", ".join(self.class_prefix + h for h in HEADS)
-        raise BertJaxError(f"config.json: architecture {arch!r} is not supported for model_type "
-                           f"{self.model_type!r} (known: {known})")
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels) if self.labels else 2
+    def max_length(self) -> tuple[str, int]:
+        """The config field that bounds the input length, and its value."""
+        return "max_position_embeddings", self.max_position_embeddings
 
     @property
     def classifier_dropout_prob(self) -> float:
@@ -117,18 +188,8 @@ class BertConfig:
             return self.hidden_dropout_prob
         return self.classifier_dropout
 
-    def with_head(self, head: str, num_labels: int | None = None) -> BertConfig:
-        """The same encoder with another task head (and optionally a new label count)."""
-        changes: dict[str, Any] = {"architectures": (self.class_prefix + head,)}
-        if num_labels is not None and num_labels != self.num_labels:
-            changes["labels"] = tuple(f"LABEL_{i}" for i in range(num_labels))
-        config = dataclasses.replace(self, **changes)
-        config.head  # validates
-        return config
-
-    # HF config.json ---------------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], **runtime) -> BertConfig:
+    def check_hf_dict(cls, hf: dict[str, Any]) -> None:
         if hf.get("model_type") not in NORM_PLACEMENT:
             raise BertJaxError(
                 f"config.json: model_type {hf.get('model_type')!r} is not a BERT family type "
@@ -140,46 +201,13 @@ class BertConfig:
         for flag in ("is_decoder", "add_cross_attention"):
             if hf.get(flag):
                 raise BertJaxError(f"config.json: {flag}=true is not supported (encoder only)")
-        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
-        kwargs: dict[str, Any] = {k: v for k, v in hf.items() if k in names}
-        if "architectures" in kwargs:
-            kwargs["architectures"] = tuple(kwargs["architectures"] or ("BertModel",))
-        else:
-            prefix = "MegatronBert" if hf["model_type"] == "megatron-bert" else "Bert"
-            kwargs["architectures"] = (prefix + "Model",)
-        if hf.get("id2label"):
-            id2label = {int(k): v for k, v in hf["id2label"].items()}
-            kwargs["labels"] = tuple(id2label[i] for i in range(len(id2label)))
-        elif "num_labels" in hf:
-            kwargs["labels"] = tuple(f"LABEL_{i}" for i in range(int(hf["num_labels"])))
-        label_keys = ("id2label", "label2id", "num_labels")
-        extra = {k: v for k, v in hf.items() if k not in names and k not in label_keys}
-        return cls(**kwargs, extra=extra, **runtime)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        out = dict(self.extra)
-        for field in dataclasses.fields(self):
-            if field.name not in _RUNTIME_FIELDS:
-                out[field.name] = getattr(self, field.name)
-        out["architectures"] = list(self.architectures)
-        del out["labels"]
-        if self.labels is not None:
-            out["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
-            out["label2id"] = {label: i for i, label in enumerate(self.labels)}
-        for optional in ("problem_type", "classifier_dropout"):  # None is transformers' default
-            if out[optional] is None:
-                del out[optional]
-        return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | Path, **runtime) -> BertConfig:
-        return cls.from_hf_dict(read_json(path), **runtime)
-
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+    def default_architecture(cls, hf: dict[str, Any]) -> str:
+        return ("MegatronBert" if hf["model_type"] == "megatron-bert" else "Bert") + "Model"
 
 
-PRESETS: dict[str, BertConfig] = {
+BERT_PRESETS: dict[str, BertConfig] = {
     "bert-base-cased": BertConfig(vocab_size=28996),
     "bert-large-cased": BertConfig(vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
                                    num_attention_heads=16, intermediate_size=4096),
@@ -191,10 +219,3 @@ PRESETS: dict[str, BertConfig] = {
     "tiny": BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37, max_position_embeddings=64),
 }
-
-
-def preset(name: str, **overrides) -> BertConfig:
-    """A named preset, e.g. `preset("bert-base-cased", dtype="bfloat16")`."""
-    if name not in PRESETS:
-        raise BertJaxError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return dataclasses.replace(PRESETS[name], **overrides)
