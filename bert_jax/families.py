@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 
 from bert_jax.convert import bert as bert_mapping
+from bert_jax.convert import gpt_bert as gpt_bert_mapping
 from bert_jax.errors import BertJaxError
-from bert_jax.modeling import bert
+from bert_jax.modeling import bert, gpt_bert
 from bert_jax.modeling.config import NORM_PLACEMENT, BertConfig
+from bert_jax.modeling.gpt_bert_config import GptBertConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,23 @@ BERT = Family(
     matches=lambda hf: hf.get("model_type") in NORM_PLACEMENT,
 )
 
-FAMILIES = (BERT,)
+
+def _is_gpt_bert(hf: dict[str, Any]) -> bool:
+    """NorBERT 4 configs carry no model_type; their architectures are GptBert*."""
+    architectures = hf.get("architectures") or []
+    return "model_type" not in hf and bool(architectures) and architectures[0].startswith("GptBert")
+
+
+GPT_BERT = Family(
+    name="gpt-bert",
+    config_cls=GptBertConfig,
+    build_module=gpt_bert.build_module,
+    example_inputs=gpt_bert.example_inputs,
+    mapping=gpt_bert_mapping,
+    matches=_is_gpt_bert,
+)
+
+FAMILIES = (BERT, GPT_BERT)
 
 
 def family_of(hf_config: dict[str, Any], source: str) -> Family:
@@ -59,7 +77,7 @@ def family_of(hf_config: dict[str, Any], source: str) -> Family:
     supported = ", ".join(sorted(NORM_PLACEMENT))
     raise BertJaxError(f"{source}: model_type {hf_config.get('model_type')!r} "
                        f"(architectures {hf_config.get('architectures')}) is not supported "
-                       f"(supported model_type: {supported})")
+                       f"(supported: model_type {supported}, or GptBert* architectures)")
 
 
 def family_of_config(config) -> Family:

@@ -73,7 +73,7 @@ def rules(config: BertConfig) -> list[Rule]:
     return table
 
 
-def canonical_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def canonical_state_dict(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Keys as `rules` names them, whatever variant the file uses.
 
     Accepts legacy `LayerNorm.gamma/beta`, base-model files without the `bert.` prefix,

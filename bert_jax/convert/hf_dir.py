@@ -53,7 +53,7 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
     """Params for `config` from HF tensors (any head, see the module docstring)."""
     family = family_of_config(config)
     table = family.mapping
-    state_dict = table.canonical_state_dict(state_dict)
+    state_dict = table.canonical_state_dict(state_dict, source)
     rules = table.rules(config)
     abstract = nn.meta.unbox(family.abstract_variables(config)["params"])
     shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}

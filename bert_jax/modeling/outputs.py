@@ -25,11 +25,15 @@ class PreTrainingOutput:
 
 @struct.dataclass
 class LogitsOutput:
-    """Masked LM, next sentence, sequence / token classification and multiple choice."""
+    """Masked / causal LM, next sentence, sequence / token classification, multiple choice.
+
+    `last_hidden_state` is filled by the GPT-BERT LM heads, as its reference returns it.
+    """
 
     logits: Array
     loss: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
+    last_hidden_state: Array | None = None
 
 
 @struct.dataclass

@@ -1,0 +1,367 @@
+"""GPT-BERT (NorBERT 4): one network that is a bidirectional masked LM and a causal LM.
+
+Implements the released NorBERT 4 architecture ("Version A" of ARCHITECTURES.md section 1):
+parameter-free LayerNorms with `(1 + scale)` input scales on every linear, QK-norm, RoPE
+(theta per layer), local/global sliding windows, a value residual from the first layer, six
+mixing lambdas per layer, and GeGLU with tanh GELU. Attention goes through the shared core.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.modeling import losses
+from bert_jax.modeling.attention import AttentionMask, attend
+from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
+
+
+def norm(x, eps: float, axes: int | tuple[int, ...] = -1):
+    """LayerNorm without parameters, in fp32 (biased variance, as PyTorch), cast back."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _init_std(config: GptBertConfig) -> float:
+    return (2.0 / (5.0 * config.hidden_size)) ** 0.5
+
+
+class ScaledLinear(nn.Module):
+    """NorBERT's CastedLinearIn: `x @ (W * (1 + scale))`, the scale on the input features.
+
+    Several kernels may share one input and one scale (`kernels=("query", "key")` for the
+    fused q/k projection); the call returns one output per kernel then.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    config: GptBertConfig
+    kernels: Sequence[str] = ("kernel",)
+    in_dims: int = 1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        in_shape = x.shape[-self.in_dims:]
+        in_axes = self.kernel_axes[: self.in_dims]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), in_axes),
+                           in_shape, c.param_dtype)
+        multiplier = (1.0 + scale.astype(jnp.float32)).reshape(in_shape + (1,) * len(self.features))
+        init = nn.with_logical_partitioning(
+            nn.initializers.truncated_normal(_init_std(c)), self.kernel_axes)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        outputs = []
+        for name in self.kernels:
+            kernel = self.param(name, init, in_shape + tuple(self.features), c.param_dtype)
+            kernel = (kernel.astype(jnp.float32) * multiplier).astype(c.dtype)
+            outputs.append(jax.lax.dot_general(x.astype(c.dtype), kernel, (contract, ((), ()))))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), self.kernel_axes[self.in_dims:]), self.features,
+                c.param_dtype)
+            outputs = [y + bias.astype(c.dtype) for y in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+    """Rotate-half rotary embedding at absolute `positions`, computed in fp32."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1])
+    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(jnp.concatenate([angle_BTh, angle_BTh], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angle_BTh, angle_BTh], -1))[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+class SelfAttention(nn.Module):
+    config: GptBertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT, mask: AttentionMask,
+                 deterministic: bool):
+        """Returns the attention output and the first layer's values (for the value residual)."""
+        c, eps = self.config, self.config.layer_norm_eps
+        n, dqk, dv = c.num_attention_heads, c.query_key_head_size, c.value_head_size
+        q_BTNH, k_BTNH = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c,
+                                      kernels=("query", "key"), name="qk_proj")(norm(qk_in_BTD, eps))
+        v_BTNH = ScaledLinear((n, dv), ("embed", "heads", "kv"), c, name="v_proj")(
+            norm(value_in_BTD, eps))
+        scale_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv"))
+        q_scale = self.param("q_scale", scale_init, (n, dqk), c.param_dtype)
+        k_scale = self.param("k_scale", scale_init, (n, dqk), c.param_dtype)
+        q_BTNH = (norm(q_BTNH, eps) * (1.0 + q_scale)).astype(c.dtype)
+        k_BTNH = (norm(k_BTNH, eps) * (1.0 + k_scale)).astype(c.dtype)
+        alpha = self.param("lambdas", nn.with_logical_partitioning(
+            nn.initializers.constant(0.5), ("lambdas",)), (1,), c.param_dtype)
+        if first_value_BTNH is None:
+            first_value_BTNH = v_BTNH
+        else:
+            v_BTNH = ((1.0 - alpha) * v_BTNH + alpha * first_value_BTNH).astype(c.dtype)
+        theta = c.rope_theta(self.layer)
+        q_BTNH, k_BTNH = rope(q_BTNH, positions_BT, theta), rope(k_BTNH, positions_BT, theta)
+        dropout_rng = None
+        if not deterministic and c.attention_dropout > 0:
+            dropout_rng = self.make_rng("dropout")
+        o_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask, backend=c.attention_backend,
+                        dropout_rate=c.attention_dropout, dropout_rng=dropout_rng)
+        out_BTD = ScaledLinear((c.hidden_size,), ("heads", "kv", "embed"), c, in_dims=2,
+                               name="out_proj")(norm(o_BTNH, eps, axes=(-2, -1)))
+        out_BTD = nn.Dropout(c.hidden_dropout)(out_BTD, deterministic=deterministic)
+        return out_BTD, first_value_BTNH
+
+
+class FeedForward(nn.Module):
+    """GeGLU: the first half of up_proj is the linear part, the second the tanh-GELU gate."""
+
+    config: GptBertConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, deterministic: bool):
+        c, eps = self.config, self.config.layer_norm_eps
+        linear, gate = ScaledLinear((c.intermediate_size,), ("embed", "mlp"), c,
+                                    kernels=("linear", "gate"), name="up_proj")(norm(x_BTD, eps))
+        h = norm(linear * gelu_tanh(gate), eps)
+        out = ScaledLinear((c.hidden_size,), ("mlp", "embed"), c, name="down_proj")(h)
+        return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)
+
+
+class Layer(nn.Module):
+    config: GptBertConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, mask, deterministic):
+        c = self.config
+        lam = self.param("lambdas", nn.with_logical_partitioning(
+            lambda key, shape, dtype: jnp.array([0, 0, 1, 0, 1, 0], dtype), ("lambdas",)),
+            (6,), c.param_dtype).astype(jnp.float32)
+
+        def mix(weight):
+            return ((1.0 - weight) * h_BTD + weight * emb_BTD).astype(c.dtype)
+
+        attn_BTD, first_value = SelfAttention(c, self.layer, name="attention")(
+            mix(lam[0]), mix(lam[1]), first_value, positions_BT, mask, deterministic)
+        mlp_in = jax.nn.softplus(lam[2]) * mix(lam[3]) + attn_BTD
+        mlp_out = FeedForward(c, name="mlp")(mlp_in.astype(c.dtype), deterministic)
+        h_BTD = jax.nn.softplus(lam[4]) * mix(lam[5]) + attn_BTD + mlp_out
+        return h_BTD.astype(c.dtype), first_value
+
+
+class GptBertModel(nn.Module):
+    """Embedding and the layer stack; `last_hidden_state` is the raw residual stream."""
+
+    config: GptBertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True,
+                 output_hidden_states=False) -> BaseModelOutput:
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        embedding = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.float32,
+                             param_dtype=c.param_dtype, name="word_embedding",
+                             embedding_init=nn.with_logical_partitioning(
+                                 nn.initializers.truncated_normal(_init_std(c)), ("vocab", "embed")))
+        word_scale = self.param("word_scale", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), ("embed",)), (c.hidden_size,), c.param_dtype)
+        emb_BTD = norm(embedding(input_ids), c.layer_norm_eps) * (1.0 + word_scale)
+        emb_BTD = nn.Dropout(c.embedding_dropout)(emb_BTD, deterministic=deterministic)
+        emb_BTD = emb_BTD.astype(c.dtype)
+
+        h_BTD, first_value, hidden_states = emb_BTD, None, [emb_BTD]
+        for i in range(c.num_layers):
+            window = c.window(i)
+            mask = AttentionMask(key_padding_BS=attention_mask, causal=c.is_causal,
+                                 window=(window, 0 if c.is_causal else window))
+            h_BTD, first_value = Layer(c, i, name=f"layer_{i}")(
+                h_BTD, emb_BTD, first_value, position_ids, mask, deterministic)
+            hidden_states.append(h_BTD)
+        return BaseModelOutput(last_hidden_state=h_BTD,
+                               hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+
+class Classifier(nn.Module):
+    """LN -> projection -> tanh GELU -> LN (-> dropout) -> output layer with a bias."""
+
+    config: GptBertConfig
+    num_outputs: int
+    output_name: str
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        c, eps = self.config, self.config.layer_norm_eps
+        x = ScaledLinear((c.hidden_size,), ("embed", "mlp"), c, name="projection")(norm(x, eps))
+        x = norm(gelu_tanh(x), eps)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        axes = ("embed", "vocab" if self.output_name == "emb2vocab" else "classes")
+        logits = ScaledLinear((self.num_outputs,), axes, c, use_bias=True,
+                              name=self.output_name)(x)
+        return logits.astype(jnp.float32)
+
+
+def bounded(logits):
+    """The LM heads' `30 * sigmoid(x / 7.5)`: logits in (0, 30), in training too."""
+    return 30.0 * jax.nn.sigmoid(logits / 7.5)
+
+
+def next_token_loss(logits_BTV, labels_BT):
+    """Position t predicts the label at t + 1 (labels are given aligned with the inputs)."""
+    return losses.cross_entropy(logits_BTV[:, :-1], labels_BT[:, 1:])
+
+
+class _WithEncoder(nn.Module):
+    config: GptBertConfig
+
+    def encode(self, input_ids, attention_mask, position_ids, deterministic, output_hidden_states):
+        return GptBertModel(self.config, name="model")(input_ids, attention_mask, position_ids,
+                                                       deterministic, output_hidden_states)
+
+
+class GptBertForBaseModel(_WithEncoder):
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True,
+                 output_hidden_states=False) -> BaseModelOutput:
+        return self.encode(input_ids, attention_mask, position_ids, deterministic,
+                           output_hidden_states)
+
+
+class GptBertForMaskedLM(_WithEncoder):
+    """Bidirectional; logits returned shifted right by one (the BOS one-hot at position 0),
+    so `logits[:, i]` predicts the token at position i, as the reference returns them."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states)
+        z_BTV = bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
+            out.last_hidden_state, deterministic))
+        loss = None if labels is None else next_token_loss(z_BTV, labels)
+        bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], c.bos_token_id), c.vocab_size)
+        logits = jnp.concatenate([bos_BV[:, None], z_BTV[:, :-1]], axis=1)
+        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state)
+
+
+class GptBertForCausalLM(_WithEncoder):
+    """Causal attention; standard next-token logits (not shifted)."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states)
+        logits = bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
+            out.last_hidden_state, deterministic))
+        loss = None if labels is None else next_token_loss(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state)
+
+
+class GptBertForSequenceClassification(_WithEncoder):
+    """Classifies from position 0 (the `<s>` token)."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states)
+        logits = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
+                            name="classifier")(out.last_hidden_state[:, 0], deterministic)
+        loss = None
+        if labels is not None:
+            loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class GptBertForTokenClassification(_WithEncoder):
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states)
+        logits = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
+                            name="classifier")(out.last_hidden_state, deterministic)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+class GptBertForQuestionAnswering(_WithEncoder):
+    """Output 0 is the start logit, output 1 the end logit."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, start_positions=None,
+                 end_positions=None, deterministic=True,
+                 output_hidden_states=False) -> QuestionAnsweringOutput:
+        c = self.config
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states)
+        logits_BT2 = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
+                                name="classifier")(out.last_hidden_state, deterministic)
+        start_logits, end_logits = logits_BT2[..., 0], logits_BT2[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringOutput(start_logits, end_logits, loss, out.hidden_states)
+
+
+class GptBertForMultipleChoice(_WithEncoder):
+    """Inputs [B, C, T]; each choice scored from its position 0. (The reference applies its
+    classifier to every position and reshapes, which does not give one score per choice;
+    we pool position 0 as sequence classification does.)"""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+        c = self.config
+        num_choices = input_ids.shape[1]
+
+        def flat(x):
+            return None if x is None else x.reshape(-1, x.shape[-1])
+
+        out = self.encode(flat(input_ids), flat(attention_mask), flat(position_ids),
+                          deterministic, output_hidden_states)
+        logits = Classifier(c, 1, "output_projection", c.classifier_dropout or 0.0,
+                            name="classifier")(out.last_hidden_state[:, 0], deterministic)
+        logits = logits.reshape(-1, num_choices)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return LogitsOutput(logits, loss, out.hidden_states)
+
+
+TASK_MODELS = {
+    "Model": GptBertForBaseModel,
+    "ForMaskedLM": GptBertForMaskedLM,
+    "ForCausalLM": GptBertForCausalLM,
+    "ForSequenceClassification": GptBertForSequenceClassification,
+    "ForTokenClassification": GptBertForTokenClassification,
+    "ForQuestionAnswering": GptBertForQuestionAnswering,
+    "ForMultipleChoice": GptBertForMultipleChoice,
+}
+
+
+def build_module(config: GptBertConfig) -> nn.Module:
+    return TASK_MODELS[config.head](config)
+
+
+def example_inputs(config: GptBertConfig) -> dict[str, jax.Array]:
+    shape = (1, 1, 1) if config.head == "ForMultipleChoice" else (1, 1)
+    return {"input_ids": jnp.zeros(shape, jnp.int32)}
