@@ -61,6 +61,26 @@ def cmd_fill_mask(args) -> None:
             print(f"{p['score']:.4f}  {p['token_str']:<15}  {p['sequence']}")
 
 
+def cmd_generate(args) -> None:
+    from bert_jax.data.tokenizer import load_tokenizer
+    from bert_jax.inference.generate import Sampling, causal_model, generate
+    from bert_jax.pretrained import from_pretrained
+
+    model = causal_model(from_pretrained(args.model))
+    tokenizer = load_tokenizer(args.model)
+    prompt_ids = tokenizer.encode(args.prompt)
+    sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p)
+    [new_ids] = generate(model, [prompt_ids], args.max_new_tokens, sampling=sampling,
+                         seed=args.seed)
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "generated_ids": new_ids,
+                          "text": tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)},
+                         ensure_ascii=False))
+    else:
+        print(tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True))
+
+
 def cmd_demo(args) -> None:
     from bert_jax.demo import run_demo
 
@@ -92,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("generate", help="continue a prompt with a GPT-BERT model (causal mode)",
+                       description="Generate with a KV cache; greedy unless --do-sample. Stops at "
+                       "the config's eos token or after --max-new-tokens.")
+    p.add_argument("--model", required=True, help="GPT-BERT directory (HF or Orbax) with tokenizer")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k best (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print ids and text as JSON")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="build a tiny model, convert it both ways and fill a mask",
                        description="End to end on an embedded default: train a tiny WordPiece "

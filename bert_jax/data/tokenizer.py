@@ -52,8 +52,12 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on bad files
             raise BertJaxError(f"{model_dir / 'tokenizer.json'}: cannot be read ({err})") from None
     elif (model_dir / "vocab.txt").is_file():
-        backend = BertWordPieceTokenizer(str(model_dir / "vocab.txt"),
-                                         lowercase=config.get("do_lower_case", False))._tokenizer
+        try:
+            backend = BertWordPieceTokenizer(str(model_dir / "vocab.txt"),
+                                             lowercase=config.get("do_lower_case", False))._tokenizer
+        except (TypeError, ValueError, OSError) as err:  # e.g. [CLS]/[SEP] not in the vocab
+            raise BertJaxError(f"{model_dir / 'vocab.txt'}: not a usable WordPiece vocabulary "
+                               f"({err})") from None
     else:
         raise BertJaxError(f"{model_dir}: no tokenizer found (expected tokenizer.json or vocab.txt)")
     mask = config.get("mask_token") or next(

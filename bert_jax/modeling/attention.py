@@ -33,11 +33,16 @@ class AttentionMask:
         the same segment id.
     causal: a query at position i sees keys j <= i.
     window: (left, right): a query at i sees keys i - left <= j <= i + right.
+    query_positions_BT / key_positions_BS: the positions i and j that causal and window
+        compare, when they are not the indices in the row (a decoding cache, whose keys sit
+        in a ring buffer).
     """
 
     key_padding_BS: jax.Array | None = None
     query_segment_ids_BT: jax.Array | None = None
     key_segment_ids_BS: jax.Array | None = None
+    query_positions_BT: jax.Array | None = None
+    key_positions_BS: jax.Array | None = None
     causal: bool = struct.field(pytree_node=False, default=False)
     window: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
 
@@ -54,15 +59,18 @@ class AttentionMask:
             same = self.query_segment_ids_BT[:, :, None] == self.key_segment_ids_BS[:, None, :]
             mask = both(mask, same[:, None])
         if self.causal or self.window is not None:
-            i = jnp.arange(query_length)[:, None]
-            j = jnp.arange(key_length)[None, :]
-            allowed = jnp.ones((query_length, key_length), bool)
+            i_BTS = jnp.arange(query_length)[None, :, None]
+            j_BTS = jnp.arange(key_length)[None, None, :]
+            if self.query_positions_BT is not None:
+                i_BTS = self.query_positions_BT[:, :, None]
+                j_BTS = self.key_positions_BS[:, None, :]
+            allowed = jnp.ones(jnp.broadcast_shapes(i_BTS.shape, j_BTS.shape), bool)
             if self.causal:
-                allowed &= j <= i
+                allowed &= j_BTS <= i_BTS
             if self.window is not None:
                 left, right = self.window
-                allowed &= (j >= i - left) & (j <= i + right)
-            mask = both(mask, allowed[None, None])
+                allowed &= (j_BTS >= i_BTS - left) & (j_BTS <= i_BTS + right)
+            mask = both(mask, allowed[:, None])
         return mask
 
 
@@ -84,6 +92,8 @@ def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "refer
     if backend == "reference":
         return _reference(q_BTNH, k_BSNH, v_BSNH, dense_mask, scale, dropout_rate, dropout_rng)
     if backend == "jax":
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
+    if backend == "cudnn" and mask.query_positions_BT is not None:  # decoding: XLA
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BSNH, v_BSNH, mask, scale)
@@ -132,10 +142,11 @@ def _use_blockwise(query_length: int, key_length: int, mask: AttentionMask,
                    block: int = BLOCK_SIZE) -> bool:
     """Blockwise pays when each block's key span (block + left + right) is under half of T.
 
-    Self-attention only (T == S) with a non-negative window. Below that length the span
+    Self-attention only (T == S) with a non-negative window, by index. Below that length the span
     covers most of the row anyway and the dense path (one big matmul) is as small and faster.
     """
-    if mask.window is None or query_length != key_length or min(mask.window) < 0:
+    if (mask.window is None or query_length != key_length or min(mask.window) < 0
+            or mask.query_positions_BT is not None):
         return False
     left, right = _block_span(mask)
     return query_length > 2 * (block + left + right)

@@ -91,9 +91,10 @@ class SelfAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT, mask: AttentionMask,
-                 deterministic: bool):
-        """Returns the attention output and the first layer's values (for the value residual)."""
+    def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT, padding_BT,
+                 deterministic: bool, cache: dict | None = None):
+        """Returns the attention output, the first layer's values (for the value residual)
+        and the updated cache (when decoding with one)."""
         c, eps = self.config, self.config.layer_norm_eps
         n, dqk, dv = c.num_attention_heads, c.query_key_head_size, c.value_head_size
         q_BTNH, k_BTNH = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c,
@@ -113,6 +114,13 @@ class SelfAttention(nn.Module):
             v_BTNH = ((1.0 - alpha) * v_BTNH + alpha * first_value_BTNH).astype(c.dtype)
         theta = c.rope_theta(self.layer)
         q_BTNH, k_BTNH = rope(q_BTNH, positions_BT, theta), rope(k_BTNH, positions_BT, theta)
+
+        window = c.window(self.layer)
+        mask = AttentionMask(key_padding_BS=padding_BT, causal=c.is_causal,
+                             window=(window, 0 if c.is_causal else window))
+        if cache is not None:  # keys: the cached ones, then the new ones; masks by position
+            k_BTNH, v_BTNH, mask, cache = _with_cache(cache, k_BTNH, v_BTNH, positions_BT,
+                                                      padding_BT, mask)
         dropout_rng = None
         if not deterministic and c.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
@@ -121,7 +129,49 @@ class SelfAttention(nn.Module):
         out_BTD = ScaledLinear((c.hidden_size,), ("heads", "kv", "embed"), c, in_dims=2,
                                name="out_proj")(norm(o_BTNH, eps, axes=(-2, -1)))
         out_BTD = nn.Dropout(c.hidden_dropout)(out_BTD, deterministic=deterministic)
-        return out_BTD, first_value_BTNH
+        return out_BTD, first_value_BTNH, cache
+
+
+def init_cache(config: GptBertConfig, batch: int, max_length: int) -> dict:
+    """An empty decoding cache: per layer a ring buffer of the last `window` keys and values
+    (with their positions), so memory stays bounded by the window, not the output length."""
+    layers = []
+    for i in range(config.num_layers):
+        slots = min(config.window(i), max_length)
+        layers.append({
+            "k": jnp.zeros((batch, slots, config.num_attention_heads, config.query_key_head_size),
+                           config.dtype),
+            "v": jnp.zeros((batch, slots, config.num_attention_heads, config.value_head_size),
+                           config.dtype),
+            "positions": jnp.zeros((batch, slots), jnp.int32),
+            "valid": jnp.zeros((batch, slots), bool),
+        })
+    return {"length": jnp.zeros((), jnp.int32), "layers": tuple(layers)}
+
+
+def _with_cache(cache, k_BTNH, v_BTNH, positions_BT, padding_BT, mask: AttentionMask):
+    """Attend over cache + new keys; write the newest `slots` tokens into the ring buffer.
+
+    Slots are assigned by stream index (`length` counts every token fed, padding too), so
+    the buffer always holds the most recent tokens of every row of a left-padded batch.
+    """
+    layer, length = cache["layer"], cache["length"]
+    keys = jnp.concatenate([layer["k"], k_BTNH], axis=1)
+    values = jnp.concatenate([layer["v"], v_BTNH], axis=1)
+    key_positions = jnp.concatenate([layer["positions"], positions_BT.astype(jnp.int32)], axis=1)
+    valid = jnp.concatenate([layer["valid"], padding_BT.astype(bool)], axis=1)
+    mask = AttentionMask(key_padding_BS=valid, causal=True, window=mask.window,
+                         query_positions_BT=positions_BT, key_positions_BS=key_positions)
+    slots, new = layer["k"].shape[1], k_BTNH.shape[1]
+    keep = min(new, slots)
+    index = (length + new - keep + jnp.arange(keep)) % slots
+    updated = {
+        "k": layer["k"].at[:, index].set(k_BTNH[:, new - keep:]),
+        "v": layer["v"].at[:, index].set(v_BTNH[:, new - keep:]),
+        "positions": layer["positions"].at[:, index].set(key_positions[:, -keep:]),
+        "valid": layer["valid"].at[:, index].set(valid[:, -keep:]),
+    }
+    return keys, values, mask, updated
 
 
 class FeedForward(nn.Module):
@@ -144,7 +194,8 @@ class Layer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, mask, deterministic):
+    def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, padding_BT, deterministic,
+                 cache=None):
         c = self.config
         lam = self.param("lambdas", nn.with_logical_partitioning(
             lambda key, shape, dtype: jnp.array([0, 0, 1, 0, 1, 0], dtype), ("lambdas",)),
@@ -153,22 +204,26 @@ class Layer(nn.Module):
         def mix(weight):
             return ((1.0 - weight) * h_BTD + weight * emb_BTD).astype(c.dtype)
 
-        attn_BTD, first_value = SelfAttention(c, self.layer, name="attention")(
-            mix(lam[0]), mix(lam[1]), first_value, positions_BT, mask, deterministic)
+        attn_BTD, first_value, cache = SelfAttention(c, self.layer, name="attention")(
+            mix(lam[0]), mix(lam[1]), first_value, positions_BT, padding_BT, deterministic, cache)
         mlp_in = jax.nn.softplus(lam[2]) * mix(lam[3]) + attn_BTD
         mlp_out = FeedForward(c, name="mlp")(mlp_in.astype(c.dtype), deterministic)
         h_BTD = jax.nn.softplus(lam[4]) * mix(lam[5]) + attn_BTD + mlp_out
-        return h_BTD.astype(c.dtype), first_value
+        return h_BTD.astype(c.dtype), first_value, cache
 
 
 class GptBertModel(nn.Module):
-    """Embedding and the layer stack; `last_hidden_state` is the raw residual stream."""
+    """Embedding and the layer stack; `last_hidden_state` is the raw residual stream.
+
+    With `past_key_values` (from `init_cache`) the inputs continue the cached tokens (causal
+    decoding), `position_ids` are required, and the updated cache is returned.
+    """
 
     config: GptBertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True,
-                 output_hidden_states=False) -> BaseModelOutput:
+                 output_hidden_states=False, past_key_values=None) -> BaseModelOutput:
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -184,16 +239,22 @@ class GptBertModel(nn.Module):
         emb_BTD = nn.Dropout(c.embedding_dropout)(emb_BTD, deterministic=deterministic)
         emb_BTD = emb_BTD.astype(c.dtype)
 
-        h_BTD, first_value, hidden_states = emb_BTD, None, [emb_BTD]
+        h_BTD, first_value, hidden_states, caches = emb_BTD, None, [emb_BTD], []
         for i in range(c.num_layers):
-            window = c.window(i)
-            mask = AttentionMask(key_padding_BS=attention_mask, causal=c.is_causal,
-                                 window=(window, 0 if c.is_causal else window))
-            h_BTD, first_value = Layer(c, i, name=f"layer_{i}")(
-                h_BTD, emb_BTD, first_value, position_ids, mask, deterministic)
+            cache = None
+            if past_key_values is not None:
+                cache = {"layer": past_key_values["layers"][i], "length": past_key_values["length"]}
+            h_BTD, first_value, cache = Layer(c, i, name=f"layer_{i}")(
+                h_BTD, emb_BTD, first_value, position_ids, attention_mask, deterministic, cache)
             hidden_states.append(h_BTD)
+            caches.append(cache)
+        new_cache = None
+        if past_key_values is not None:
+            new_cache = {"length": past_key_values["length"] + input_ids.shape[1],
+                         "layers": tuple(caches)}
         return BaseModelOutput(last_hidden_state=h_BTD,
-                               hidden_states=tuple(hidden_states) if output_hidden_states else None)
+                               hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                               past_key_values=new_cache)
 
 
 class Classifier(nn.Module):
@@ -229,9 +290,11 @@ def next_token_loss(logits_BTV, labels_BT):
 class _WithEncoder(nn.Module):
     config: GptBertConfig
 
-    def encode(self, input_ids, attention_mask, position_ids, deterministic, output_hidden_states):
+    def encode(self, input_ids, attention_mask, position_ids, deterministic, output_hidden_states,
+               past_key_values=None):
         return GptBertModel(self.config, name="model")(input_ids, attention_mask, position_ids,
-                                                       deterministic, output_hidden_states)
+                                                       deterministic, output_hidden_states,
+                                                       past_key_values)
 
 
 class GptBertForBaseModel(_WithEncoder):
@@ -261,18 +324,20 @@ class GptBertForMaskedLM(_WithEncoder):
 
 
 class GptBertForCausalLM(_WithEncoder):
-    """Causal attention; standard next-token logits (not shifted)."""
+    """Causal attention; standard next-token logits (not shifted). Decodes with a cache."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 deterministic=True, output_hidden_states=False,
+                 past_key_values=None) -> LogitsOutput:
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states)
+                          output_hidden_states, past_key_values)
         logits = bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
             out.last_hidden_state, deterministic))
         loss = None if labels is None else next_token_loss(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state)
+        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state,
+                            out.past_key_values)
 
 
 class GptBertForSequenceClassification(_WithEncoder):

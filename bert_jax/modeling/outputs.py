@@ -13,6 +13,7 @@ class BaseModelOutput:
     last_hidden_state: Array
     pooler_output: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
+    past_key_values: dict | None = None  # GPT-BERT decoding cache
 
 
 @struct.dataclass
@@ -34,6 +35,7 @@ class LogitsOutput:
     loss: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     last_hidden_state: Array | None = None
+    past_key_values: dict | None = None
 
 
 @struct.dataclass
