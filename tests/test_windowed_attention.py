@@ -202,3 +202,26 @@ def test_long_sequence_never_builds_t_by_t():
     dense_stats = jax.jit(dense).lower(q, k, v).compile().memory_analysis()
     assert dense_stats.temp_size_in_bytes >= n * square_bytes
     assert stats.temp_size_in_bytes < square_bytes / 8, stats.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("parts", ["plain", "padding", "segments"])
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, (W, W)),
+                                           (True, (W - 1, 0))])
+def test_query_chunked_matches_dense(causal, window, parts):
+    """Long attention without a useful window runs a chunk of queries at a time; T is not a
+    multiple of the chunk, and padding / segments / causal / window all still apply."""
+    q, k, v = random_qkv(3, 77, 2, 8, seed=5)
+    mask = make_mask(3, 77, causal, window, padding=parts != "plain",
+                     segments=parts == "segments")
+    chunked = attention._query_chunked_reference(q, k, v, mask, 8 ** -0.5, 0.0, None, chunk=16)
+    np.testing.assert_allclose(chunked, dense_reference(q, k, v, mask), atol=1e-5, rtol=0)
+
+
+def test_attend_chunks_long_full_attention():
+    """Above CHUNKED_ABOVE score entries per head `attend` never builds [T, T] scores."""
+    t = 8192
+    assert t * t > attention.CHUNKED_ABOVE
+    shape = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, AttentionMask(causal=True)))(
+        shape, shape, shape)
+    assert not _square_intermediates(jaxpr, t)
