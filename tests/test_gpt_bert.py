@@ -181,3 +181,16 @@ def test_sequence_longer_than_max_sequence_length():
     model = bert_jax.from_pretrained(FIXTURE / "masked_lm")
     with pytest.raises(bert_jax.BertJaxError, match="max_sequence_length=256"):
         model(np.ones((1, 257), np.int32))
+
+
+def test_multiple_choice_pools_position_zero():
+    """Each choice is scored as a one-label sequence classifier would score it alone."""
+    choice = bert_jax.from_pretrained(FIXTURE / "masked_lm", head="ForMultipleChoice")
+    single = bert_jax.PretrainedModel(
+        choice.config.with_head("ForSequenceClassification", num_labels=1), choice.params)
+    inputs = np.load(FIXTURE / "inputs.npz")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    logits = np.asarray(choice(ids[None], attention_mask=mask[None]).logits)
+    assert logits.shape == (1, 3)
+    expected = np.asarray(single(ids, attention_mask=mask).logits)[:, 0]
+    np.testing.assert_allclose(logits[0], expected, atol=1e-6)
