@@ -82,8 +82,8 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     print(f"# {args.model} MLM forward, batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"jax {jax.__version__} on {device} ({platform.processor() or platform.machine()})")
-    print(f"| implementation | ms / batch | tokens/s |")
-    print(f"|---|---|---|")
+    print("| implementation | ms / batch | tokens/s |")
+    print("|---|---|---|")
     print(f"| bert_jax ({args.backend}) | {ours * 1e3:.1f} | {tokens / ours:,.0f} |")
     print(f"| {torch_desc} | {theirs * 1e3:.1f} | {tokens / theirs:,.0f} |")
     print(f"\nratio bert_jax / PyTorch: {theirs / ours:.2f}x")

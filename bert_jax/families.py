@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from bert_jax.convert import bert as bert_mapping
 from bert_jax.convert import gpt_bert as gpt_bert_mapping
@@ -25,10 +26,19 @@ from bert_jax.modeling.gpt_bert_config import GptBertConfig
 class Family:
     name: str
     config_cls: type
-    build_module: Callable
-    example_inputs: Callable
+    task_models: dict[str, type[nn.Module]]  # head name -> Flax module class
     mapping: ModuleType  # rules, canonical_state_dict, ignorable_keys, hf_key_for_save, ...
     matches: Callable[[dict[str, Any]], bool]
+
+    def build_module(self, config) -> nn.Module:
+        """The Flax module of the task head that `config.architectures[0]` names."""
+        return self.task_models[config.head](config)
+
+    @staticmethod
+    def example_inputs(config) -> dict[str, jax.Array]:
+        """The smallest inputs `module.init` accepts ([B, C, T] for multiple choice)."""
+        shape = (1, 1, 1) if config.head == "ForMultipleChoice" else (1, 1)
+        return {"input_ids": jnp.zeros(shape, jnp.int32)}
 
     def abstract_variables(self, config) -> dict[str, Any]:
         """Boxed (logically partitioned) param shapes of the model, without allocating them."""
@@ -45,8 +55,7 @@ class Family:
 BERT = Family(
     name="bert",
     config_cls=BertConfig,
-    build_module=bert.build_module,
-    example_inputs=bert.example_inputs,
+    task_models=bert.TASK_MODELS,
     mapping=bert_mapping,
     matches=lambda hf: hf.get("model_type") in NORM_PLACEMENT,
 )
@@ -61,8 +70,7 @@ def _is_gpt_bert(hf: dict[str, Any]) -> bool:
 GPT_BERT = Family(
     name="gpt-bert",
     config_cls=GptBertConfig,
-    build_module=gpt_bert.build_module,
-    example_inputs=gpt_bert.example_inputs,
+    task_models=gpt_bert.TASK_MODELS,
     mapping=gpt_bert_mapping,
     matches=_is_gpt_bert,
 )

@@ -20,8 +20,8 @@ from bert_jax.modeling.config import BERT_PRESETS, BertConfig
 def test_config_json_round_trip(tmp_path, model_type, head):
     """Every key transformers wrote comes back with the same value (labels included);
     optional fields at their default (None) may be left out."""
-    path = save_hf_model(make_hf_model(model_type, head, id2label={0: "O", 1: "B-PER", 2: "I-PER"}),
-                         tmp_path / "hf")
+    save_hf_model(make_hf_model(model_type, head, id2label={0: "O", 1: "B-PER", 2: "I-PER"}),
+                  tmp_path / "hf")
     original = json.loads((tmp_path / "hf" / "config.json").read_text())
     config = BertConfig.from_json_file(tmp_path / "hf" / "config.json")
     assert config.labels == ("O", "B-PER", "I-PER")

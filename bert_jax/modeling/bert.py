@@ -280,13 +280,3 @@ TASK_MODELS = {
     "ForMultipleChoice": BertForMultipleChoice,
 }
 
-
-def build_module(config: BertConfig) -> nn.Module:
-    """The Flax module for `config.architectures[0]`."""
-    return TASK_MODELS[config.head](config)
-
-
-def example_inputs(config: BertConfig) -> dict[str, jax.Array]:
-    """The smallest inputs `module.init` accepts ([B, C, T] for multiple choice)."""
-    shape = (1, 1, 1) if config.head == "ForMultipleChoice" else (1, 1)
-    return {"input_ids": jnp.zeros(shape, jnp.int32)}

@@ -296,6 +296,12 @@ class _WithEncoder(nn.Module):
                                                        deterministic, output_hidden_states,
                                                        past_key_values)
 
+    def classify(self, x, num_outputs: int, deterministic: bool):
+        """The task heads' classifier (dropout before its output layer)."""
+        c = self.config
+        return Classifier(c, num_outputs, "output_projection", c.classifier_dropout or 0.0,
+                          name="classifier")(x, deterministic)
+
 
 class GptBertForBaseModel(_WithEncoder):
     @nn.compact
@@ -349,8 +355,7 @@ class GptBertForSequenceClassification(_WithEncoder):
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
                           output_hidden_states)
-        logits = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
-                            name="classifier")(out.last_hidden_state[:, 0], deterministic)
+        logits = self.classify(out.last_hidden_state[:, 0], c.num_labels, deterministic)
         loss = None
         if labels is not None:
             loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
@@ -364,8 +369,7 @@ class GptBertForTokenClassification(_WithEncoder):
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
                           output_hidden_states)
-        logits = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
-                            name="classifier")(out.last_hidden_state, deterministic)
+        logits = self.classify(out.last_hidden_state, c.num_labels, deterministic)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states)
 
@@ -380,8 +384,7 @@ class GptBertForQuestionAnswering(_WithEncoder):
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
                           output_hidden_states)
-        logits_BT2 = Classifier(c, c.num_labels, "output_projection", c.classifier_dropout or 0.0,
-                                name="classifier")(out.last_hidden_state, deterministic)
+        logits_BT2 = self.classify(out.last_hidden_state, c.num_labels, deterministic)
         start_logits, end_logits = logits_BT2[..., 0], logits_BT2[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -397,7 +400,6 @@ class GptBertForMultipleChoice(_WithEncoder):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False) -> LogitsOutput:
-        c = self.config
         num_choices = input_ids.shape[1]
 
         def flat(x):
@@ -405,8 +407,7 @@ class GptBertForMultipleChoice(_WithEncoder):
 
         out = self.encode(flat(input_ids), flat(attention_mask), flat(position_ids),
                           deterministic, output_hidden_states)
-        logits = Classifier(c, 1, "output_projection", c.classifier_dropout or 0.0,
-                            name="classifier")(out.last_hidden_state[:, 0], deterministic)
+        logits = self.classify(out.last_hidden_state[:, 0], 1, deterministic)
         logits = logits.reshape(-1, num_choices)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states)
@@ -422,11 +423,3 @@ TASK_MODELS = {
     "ForMultipleChoice": GptBertForMultipleChoice,
 }
 
-
-def build_module(config: GptBertConfig) -> nn.Module:
-    return TASK_MODELS[config.head](config)
-
-
-def example_inputs(config: GptBertConfig) -> dict[str, jax.Array]:
-    shape = (1, 1, 1) if config.head == "ForMultipleChoice" else (1, 1)
-    return {"input_ids": jnp.zeros(shape, jnp.int32)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from bert_jax.errors import BertJaxError
