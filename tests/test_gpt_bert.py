@@ -194,3 +194,17 @@ def test_multiple_choice_pools_position_zero():
     assert logits.shape == (1, 3)
     expected = np.asarray(single(ids, attention_mask=mask).logits)[:, 0]
     np.testing.assert_allclose(logits[0], expected, atol=1e-6)
+
+
+def test_pytorch_bin_checkpoint(tmp_path):
+    """NorBERT 4 xlarge ships only pytorch_model.bin: read through torch.load(weights_only)."""
+    torch = pytest.importorskip("torch")
+    target = tmp_path / "bin"
+    target.mkdir()
+    shutil.copy(FIXTURE / "masked_lm" / "config.json", target)
+    tensors = read_state_dict(FIXTURE / "masked_lm")
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, target / "pytorch_model.bin")
+    inputs = np.load(FIXTURE / "inputs.npz")
+    ours = bert_jax.from_pretrained(target)(inputs["input_ids"]).logits
+    ref = bert_jax.from_pretrained(FIXTURE / "masked_lm")(inputs["input_ids"]).logits
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
