@@ -1,0 +1,43 @@
+"""Two train steps of a tiny BertForPreTraining on a given mesh; saves loss and params.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=16 python sharded_step.py OUT.npz D F T
+
+Run in its own process because the simulated device count is fixed at JAX start-up.
+"""
+
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+import bert_jax
+from bert_jax import sharding
+from bert_jax.training.train_step import create_train_state, make_train_step
+
+
+def main(out, data, fsdp, tensor):
+    mesh = sharding.make_mesh(sharding.MeshConfig(int(data), int(fsdp), int(tensor)))
+    config = bert_jax.preset("tiny", architectures=("BertForPreTraining",), vocab_size=128)
+    optimizer = optax.adamw(1e-3, weight_decay=0.01)
+    state = create_train_state(config, optimizer, mesh, seed=0)
+    step = make_train_step(config, optimizer, mesh)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(2):
+        ids = rng.integers(5, 128, (16, 24)).astype(np.int32)
+        labels = np.where(rng.random(ids.shape) < 0.15, ids, -100).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "token_type_ids": (np.arange(24) >= 12).astype(np.int32)[None].repeat(16, 0),
+                 "labels": labels, "next_sentence_label": rng.integers(0, 2, 16).astype(np.int32)}
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    np.savez(out, losses=np.array(losses), devices=len(jax.devices()),
+             per_device_bytes=sharding.bytes_per_device(state.params), **flat)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
