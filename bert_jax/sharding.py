@@ -32,6 +32,8 @@ LOGICAL_AXIS_RULES = (
     ("token_types", None),
     ("classes", None),
     ("lambdas", None),
+    ("length", None),
+    ("act_embed", None),
 )
 
 
@@ -84,6 +86,15 @@ def param_shardings(abstract_boxed_params, mesh: Mesh):
     shapes = nn.meta.unbox(abstract_boxed_params)
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def activation_spec(logical: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec | None:
+    """The spec of an activation under the current mesh (`jax.set_mesh`), None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return None
+    rules = dict(LOGICAL_AXIS_RULES)
+    return _fit(PartitionSpec(*(rules[name] for name in logical)), shape, mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

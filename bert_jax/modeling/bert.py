@@ -15,7 +15,14 @@ from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.config import BertConfig
 from bert_jax.modeling.heads import Classifier, MaskedLMHead, Pooler
-from bert_jax.modeling.layers import activation, dense, embed, layer_norm
+from bert_jax.modeling.layers import (
+    activation,
+    constrain_hidden,
+    dense,
+    embed,
+    layer_norm,
+    remat_layer,
+)
 from bert_jax.modeling.outputs import (
     BaseModelOutput,
     LogitsOutput,
@@ -111,11 +118,12 @@ class BertModel(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         mask = AttentionMask(key_padding_BS=attention_mask)
 
-        x_BTD = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids,
-                                                 deterministic)
+        x_BTD = constrain_hidden(Embeddings(c, name="embeddings")(
+            input_ids, token_type_ids, position_ids, deterministic))
         hidden_states = [x_BTD]
+        layer_cls = remat_layer(Layer, c.remat, static_argnums=(3,))  # deterministic
         for i in range(c.num_hidden_layers):
-            x_BTD = Layer(c, name=f"layer_{i}")(x_BTD, mask, deterministic)
+            x_BTD = constrain_hidden(layer_cls(c, name=f"layer_{i}")(x_BTD, mask, deterministic))
             hidden_states.append(x_BTD)
         if c.norm_placement == "pre":
             x_BTD = layer_norm(c.layer_norm_eps, param_dtype=c.param_dtype,

@@ -17,6 +17,8 @@ from bert_jax.errors import BertJaxError
 from bert_jax.files import read_json
 
 ATTENTION_BACKENDS = ("reference", "jax", "cudnn")
+# Activation checkpointing of each layer: keep nothing ("full"), keep matmul outputs ("dots").
+REMAT_POLICIES = ("none", "full", "dots")
 _LABEL_KEYS = ("id2label", "label2id", "num_labels")
 
 
@@ -26,7 +28,7 @@ class ModelConfig:
 
     HEADS: ClassVar[tuple[str, ...]] = ()
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend",
-                                                 "extra")
+                                                 "remat", "extra")
 
     architectures: tuple[str, ...] = ()
     labels: tuple[str, ...] | None = None  # HF id2label, in id order
@@ -36,12 +38,15 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_backend: str = "reference"
+    remat: str = "none"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise BertJaxError(f"attention_backend {self.attention_backend!r} is not one of "
                                f"{ATTENTION_BACKENDS}")
+        if self.remat not in REMAT_POLICIES:
+            raise BertJaxError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
                                f"not {self.dtype}")

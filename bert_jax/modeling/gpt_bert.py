@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.layers import constrain_hidden, remat_layer
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
 
 
@@ -237,15 +238,17 @@ class GptBertModel(nn.Module):
             nn.initializers.zeros_init(), ("embed",)), (c.hidden_size,), c.param_dtype)
         emb_BTD = norm(embedding(input_ids), c.layer_norm_eps) * (1.0 + word_scale)
         emb_BTD = nn.Dropout(c.embedding_dropout)(emb_BTD, deterministic=deterministic)
-        emb_BTD = emb_BTD.astype(c.dtype)
+        emb_BTD = constrain_hidden(emb_BTD.astype(c.dtype))
 
         h_BTD, first_value, hidden_states, caches = emb_BTD, None, [emb_BTD], []
+        layer_cls = remat_layer(Layer, c.remat, static_argnums=(6,))  # deterministic
         for i in range(c.num_layers):
             cache = None
             if past_key_values is not None:
                 cache = {"layer": past_key_values["layers"][i], "length": past_key_values["length"]}
-            h_BTD, first_value, cache = Layer(c, i, name=f"layer_{i}")(
+            h_BTD, first_value, cache = layer_cls(c, i, name=f"layer_{i}")(
                 h_BTD, emb_BTD, first_value, position_ids, attention_mask, deterministic, cache)
+            h_BTD = constrain_hidden(h_BTD)
             hidden_states.append(h_BTD)
             caches.append(cache)
         new_cache = None

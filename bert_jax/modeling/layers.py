@@ -2,7 +2,8 @@
 
 Logical axes used across bert_jax (mapped to mesh axes by the one rules table in
 `bert_jax/sharding.py`): "vocab", "embed" (hidden size), "heads", "kv" (head dim), "mlp"
-(intermediate size), "positions", "token_types", "classes".
+(intermediate size), "positions", "token_types", "classes", "lambdas"; on activations
+"batch", "length" and "act_embed".
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from bert_jax.sharding import activation_spec
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -26,6 +29,25 @@ _ACTIVATIONS = {
 
 def activation(name: str):
     return _ACTIVATIONS[name]
+
+
+def constrain_hidden(x_BTD):
+    """Keep the residual stream split by examples under a mesh (`jax.set_mesh`; a no-op
+    without one), so the partitioner never trades the batch split for the params' split."""
+    spec = activation_spec(("batch", "length", "act_embed"), x_BTD.shape)
+    return x_BTD if spec is None else jax.lax.with_sharding_constraint(x_BTD, spec)
+
+
+def remat_layer(layer_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...]):
+    """The layer class with activation checkpointing under `policy` (see config.REMAT_POLICIES).
+
+    static_argnums: positions (counting `self` as 0) of Python-valued call arguments.
+    """
+    if policy == "none":
+        return layer_cls
+    saveable = {"full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+    return nn.remat(layer_cls, policy=saveable, static_argnums=static_argnums)
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str], *, std: float, dtype, param_dtype,

@@ -59,7 +59,8 @@ def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> T
 def make_train_step(config, optimizer, mesh,
                     schedule: Callable[[jax.Array], jax.Array] | None = None):
     """step(state, batch) -> (state, metrics). `batch` holds the model's keyword inputs
-    (labels included) as [B, ...] arrays; the loss is the model's own (as transformers)."""
+    (labels included) as [B, ...] arrays; the loss is the model's own (as transformers).
+    Call it under `jax.set_mesh(mesh)`, which lets the model keep activations batch-split."""
     module = family_of_config(config).build_module(config)
     shardings = state_shardings(config, optimizer, mesh)
 

@@ -1,0 +1,92 @@
+"""Per-device memory of BERT pretraining on a 16-device mesh, without the devices.
+
+    python -m benchmarks.sharded_memory [--model bert-large-cased] [--devices 16]
+        [--mesh 1,16,1] [--batch 256] [--seq 512] [--remat none|full|dots] [--dtype bfloat16]
+
+Simulates the devices on the CPU (`--xla_force_host_platform_device_count`), builds the
+sharded train state abstractly (`jax.eval_shape`, nothing allocated) and compiles one
+train step (MLM + NSP, AdamW). Prints (b) the bytes of params + optimizer state each device
+holds against the ideal total / devices, and (c) XLA's compiled per-device memory of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="bert-large-cased")
+    parser.add_argument("--devices", type=int, default=16)
+    parser.add_argument("--mesh", default="1,16,1", help="data,fsdp,tensor")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    if "jax" in sys.modules:
+        raise SystemExit("run as a fresh process: the device count is fixed when JAX starts")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from bert_jax import sharding
+    from bert_jax.modeling.presets import preset
+    from bert_jax.training.train_step import TrainState, make_train_step, state_shardings
+
+    config = preset(args.model, dtype=args.dtype, remat=args.remat,
+                    architectures=(preset(args.model).class_prefix + "ForPreTraining",))
+    mesh = sharding.make_mesh(sharding.MeshConfig(*map(int, args.mesh.split(","))))
+    optimizer = optax.adamw(1e-4, weight_decay=0.01)
+    shardings = state_shardings(config, optimizer, mesh)
+
+    from bert_jax.families import BERT
+    import flax.linen as nn
+
+    params = nn.meta.unbox(BERT.abstract_variables(config)["params"])
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                          opt_state=jax.eval_shape(optimizer.init, params),
+                          rng=jax.eval_shape(lambda: jax.random.key(0)))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    state_bytes = [0] * len(jax.devices())
+    total = 0
+    for leaf in jax.tree.leaves(abstract):
+        size = leaf.dtype.itemsize
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        for device in leaf.sharding.device_set:
+            state_bytes[device.id] += size * int(jnp.prod(jnp.array(shard)))
+        total += size * int(jnp.prod(jnp.array(leaf.shape)))
+    per_device = max(state_bytes)
+
+    batch = {"input_ids": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
+             "token_type_ids": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
+             "labels": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
+             "next_sentence_label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
+    step = make_train_step(config, optimizer, mesh)
+    with jax.set_mesh(mesh):
+        stats = step.lower(abstract, batch).compile().memory_analysis()
+    gib = 2**30
+    print(f"# {config.architecture} ({args.model}), mesh data,fsdp,tensor = {args.mesh} on "
+          f"{args.devices} simulated CPU devices, batch {args.batch} x seq {args.seq}, "
+          f"{args.dtype} compute, fp32 params + AdamW, remat={args.remat}, jax {jax.__version__}")
+    print("| quantity | per device | note |")
+    print("|---|---|---|")
+    print(f"| params + optimizer state | {per_device / gib:.3f} GiB | "
+          f"{per_device * args.devices / total:.3f} x ideal (total {total / gib:.2f} GiB / "
+          f"{args.devices}) |")
+    peak = stats.argument_size_in_bytes + stats.temp_size_in_bytes
+    print(f"| compiled step: arguments + temporaries | {peak / gib:.2f} GiB | arguments "
+          f"{stats.argument_size_in_bytes / gib:.2f}, temporaries "
+          f"{stats.temp_size_in_bytes / gib:.2f} (state donated) |")
+
+
+if __name__ == "__main__":
+    main()
