@@ -52,7 +52,7 @@ def main() -> None:
     params = nn.meta.unbox(BERT.abstract_variables(config)["params"])
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           opt_state=jax.eval_shape(optimizer.init, params),
-                          rng=jax.eval_shape(lambda: jax.random.key(0)))
+                          rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)
     state_bytes = [0] * len(jax.devices())

@@ -25,7 +25,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array  # dropout key of step 0; step s uses fold_in(rng, s)
+    rng: jax.Array  # raw uint32 data of the dropout key; step s uses fold_in(key, s)
 
 
 def state_shardings(config, optimizer: optax.GradientTransformation, mesh):
@@ -51,7 +51,7 @@ def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> T
         p = params if params is not None else nn.meta.unbox(family.build_module(config).init(
             init_key, **family.example_inputs(config))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                          rng=dropout_key)
+                          rng=jax.random.key_data(dropout_key))
 
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
@@ -70,7 +70,7 @@ def make_train_step(config, optimizer, mesh,
         return out.loss
 
     def step(state: TrainState, batch):
-        dropout_key = jax.random.fold_in(state.rng, state.step)
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
