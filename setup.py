@@ -21,6 +21,9 @@ setup(
         "sentencepiece>=0.2.3",
         "numpy>=2.0",
         "huggingface_hub>=1.0",
+        "grain>=0.2.18",
+        "array_record>=0.8.6",
+        "tqdm>=4.66",
     ],
     extras_require={
         "test": [

@@ -72,13 +72,49 @@ def make_train_step(config, optimizer, mesh,
     def step(state: TrainState, batch):
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        # A non-finite loss or gradient skips the update (the batch still counts as consumed).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1,
+                             params=keep_if_finite(params, state.params),
+                             opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
 
     # One spec for every batch leaf: examples split over data x fsdp, other dims whole.
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, ndim=1)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(config, mesh):
+    """eval(params, batch) -> summed loss / correct / counts (add over batches, then divide):
+    masked-LM loss and accuracy over labelled tokens, NSP accuracy when the head has it."""
+    module = family_of_config(config).build_module(config)
+    params_sharding = sharding.param_shardings(
+        family_of_config(config).abstract_variables(config)["params"], mesh)
+
+    def evaluate(params, batch):
+        out = module.apply({"params": params}, **batch)
+        logits = getattr(out, "prediction_logits", None)
+        logits = out.logits if logits is None else logits
+        labels = batch["labels"]
+        valid = labels != -100
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        token_loss = -jnp.take_along_axis(log_probs, jnp.where(valid, labels, 0)[..., None], -1)
+        sums = {"mlm_loss_sum": jnp.sum(jnp.where(valid, token_loss[..., 0], 0.0)),
+                "mlm_correct": jnp.sum(valid & (jnp.argmax(logits, -1) == labels)),
+                "mlm_tokens": jnp.sum(valid)}
+        if "next_sentence_label" in batch:
+            nsp = jnp.argmax(out.seq_relationship_logits, -1) == batch["next_sentence_label"]
+            sums |= {"nsp_correct": jnp.sum(nsp), "nsp_examples": nsp.size}
+        return sums
+
+    return jax.jit(evaluate, in_shardings=(params_sharding, sharding.batch_sharding(mesh, 1)),
+                   out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,107 @@
+"""Pretraining recipes: a YAML file of sections, overridable with `--set section.key=value`.
+
+Every key is checked against the dataclasses below, so a misspelt key is an error naming it
+rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bert_jax.errors import BertJaxError
+from bert_jax.sharding import MeshConfig
+from bert_jax.training.optimizer import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    preset: str | None = None  # a bert_jax preset name, for training from scratch
+    init_from: str | None = None  # an HF or Orbax directory, for continued pretraining
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields
+    dtype: str = "float32"
+    remat: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str = ""  # a prepare-data output directory
+    eval: str | None = None
+    max_seq_length: int = 128
+    global_batch_size: int = 32
+    mlm_probability: float = 0.15
+    max_predictions_per_seq: int | None = None
+    nsp: bool = True
+    short_seq_prob: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    output_dir: str = "runs/pretrain"
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=100,
+                                                 total_steps=1000)
+    mesh: MeshConfig = MeshConfig()
+    train: TrainSection = TrainSection()
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """The recipe in `path` (YAML) with `section.key=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise BertJaxError(f"{path}: cannot read the recipe ({err})") from None
+        if not isinstance(raw, dict):
+            raise BertJaxError(f"{path}: a recipe is a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise BertJaxError(f"--set {item!r}: expected section.key=value")
+        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+    return _build(Recipe, raw, "recipe")
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    """Instantiate dataclass `cls` from `raw`, recursing into dataclass-typed fields."""
+    if not isinstance(raw, dict):
+        raise BertJaxError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise BertJaxError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        if dataclasses.is_dataclass(hints[name]):
+            base = dataclasses.asdict(getattr(cls(), name)) if _has_defaults(cls) else {}
+            value = _build(hints[name], {**base, **value}, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise BertJaxError(f"{where}: {err}") from None
+
+
+def _has_defaults(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
