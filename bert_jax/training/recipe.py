@@ -95,11 +95,20 @@ def _build(cls, raw: dict[str, Any], where: str):
         if dataclasses.is_dataclass(hints[name]):
             base = dataclasses.asdict(getattr(cls(), name)) if _has_defaults(cls) else {}
             value = _build(hints[name], {**base, **value}, f"{where}.{name}")
+        elif isinstance(value, str) and float in typing.get_args(hints[name]) + (hints[name],):
+            value = _number(value, f"{where}.{name}")  # YAML reads 5e-4 (no dot) as a string
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise BertJaxError(f"{where}: {err}") from None
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BertJaxError(f"{where}: {text!r} is not a number") from None
 
 
 def _has_defaults(cls) -> bool:
