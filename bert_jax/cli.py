@@ -81,6 +81,26 @@ def cmd_generate(args) -> None:
         print(tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True))
 
 
+def cmd_prepare_data(args) -> None:
+    from bert_jax.data.prepare import prepare_corpus
+
+    manifest = prepare_corpus(args.inputs, args.out, args.tokenizer, doc_mode=args.doc_mode,
+                              text_field=args.text_field, records_per_shard=args.records_per_shard,
+                              workers=args.workers, progress=not args.quiet)
+    print(f"wrote {manifest.documents:,} documents, {manifest.tokens:,} tokens in "
+          f"{len(manifest.shards)} shards to {args.out}"
+          + (f" ({len(manifest.problems)} problems reported)" if manifest.problems else ""))
+
+
+def cmd_pretrain(args) -> None:
+    from bert_jax.training.recipe import load_recipe
+    from bert_jax.training.trainer import pretrain
+
+    recipe = load_recipe(args.config, args.set or [])
+    metrics = pretrain(recipe, args.tokenizer, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(metrics))
+
+
 def cmd_demo(args) -> None:
     from bert_jax.demo import run_demo
 
@@ -126,6 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare-data", help="tokenize text corpora into ArrayRecord shards",
+                       description="Turn .txt / .jsonl corpora (gzip ok, globs ok) into tokenized "
+                       "ArrayRecord shards with a manifest. Restartable: finished files are "
+                       "skipped on a rerun. Bad lines and files are reported and skipped.")
+    p.add_argument("inputs", nargs="+", help="files or glob patterns")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json or vocab.txt")
+    p.add_argument("--doc-mode", choices=("blank-line", "line"), default="blank-line",
+                   help="blank-line: documents separated by blank lines, one sentence per line "
+                   "(BERT's format); line: one document per line")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    p.add_argument("--records-per-shard", type=int, default=50_000)
+    p.add_argument("--workers", type=int, default=None, help="processes (default min(4, CPUs))")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a BERT model",
+                       description="Pretrain with MLM (+ NSP) as a recipe says; checkpoints, logs "
+                       "and an HF export land in the recipe's train.output_dir.")
+    p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/tiny-mlm.yaml")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer the data was prepared with")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="build a tiny model, convert it both ways and fill a mask",
                        description="End to end on an embedded default: train a tiny WordPiece "
