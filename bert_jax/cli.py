@@ -81,6 +81,15 @@ def cmd_generate(args) -> None:
         print(tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True))
 
 
+def cmd_train_tokenizer(args) -> None:
+    from bert_jax.data.train_tokenizer import lines_of, train_wordpiece
+
+    out = train_wordpiece(lines_of(args.inputs), args.out, vocab_size=args.vocab_size,
+                          lowercase=args.lowercase, min_frequency=args.min_frequency,
+                          overwrite=args.overwrite)
+    print(f"wrote a WordPiece tokenizer to {out}")
+
+
 def cmd_prepare_data(args) -> None:
     from bert_jax.data.prepare import prepare_corpus
 
@@ -146,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train-tokenizer", help="train a WordPiece tokenizer on text files",
+                       description="Train BERT's WordPiece tokenizer (cased unless --lowercase) "
+                       "and save tokenizer.json, vocab.txt and tokenizer_config.json.")
+    p.add_argument("inputs", nargs="+", help="text files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--lowercase", action="store_true", help="an uncased tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("prepare-data", help="tokenize text corpora into ArrayRecord shards",
                        description="Turn .txt / .jsonl corpora (gzip ok, globs ok) into tokenized "

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers.implementations import BertWordPieceTokenizer
-from tokenizers.processors import BertProcessing
 
 from bert_jax.convert.weight_files import read_state_dict
 from bert_jax.data.tokenizer import load_tokenizer
+from bert_jax.data.train_tokenizer import train_wordpiece
 from bert_jax.families import BERT
 from bert_jax.inference.fill_mask import fill_mask
 from bert_jax.modeling.presets import preset
@@ -25,27 +23,9 @@ CORPUS = [
     "The river flows through the city.",
     "She reads a book in the library.",
 ]
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
-
-
-def build_tokenizer(out_dir: Path) -> None:
-    """A cased WordPiece tokenizer trained on CORPUS, saved as transformers would."""
-    tokenizer = BertWordPieceTokenizer(lowercase=False)
-    tokenizer.train_from_iterator(CORPUS, vocab_size=200, min_frequency=1,
-                                  special_tokens=list(SPECIAL_TOKENS.values()))
-    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
-    tokenizer.post_processor = BertProcessing((sep, tokenizer.token_to_id(sep)),
-                                              (cls, tokenizer.token_to_id(cls)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    config = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": False, **SPECIAL_TOKENS}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
 def run_demo(out: Path) -> None:
     tokenizer_dir = out / "tokenizer"
-    build_tokenizer(tokenizer_dir)
+    train_wordpiece(CORPUS, tokenizer_dir, vocab_size=200, min_frequency=1)
     vocab_size = load_tokenizer(tokenizer_dir).backend.get_vocab_size()
     config = preset("tiny", vocab_size=vocab_size)
     model = PretrainedModel(config, BERT.init_params(config, seed=0), tokenizer_dir)

@@ -200,3 +200,25 @@ def test_demo_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "bit-identical" in result.stdout
     transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "demo" / "hf")
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_train_tokenizer_loads_in_transformers(tmp_path, lowercase):
+    """A trained WordPiece tokenizer encodes as transformers' AutoTokenizer does with it."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"Sentence number {i} about Oslo and Bergen." for i in range(200)))
+    args = ["train-tokenizer", str(text), "--out", str(tmp_path / "tok"), "--vocab-size", "120"]
+    assert main(args + (["--lowercase"] if lowercase else [])) == 0
+    ours = load_tokenizer(tmp_path / "tok")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    sample = "Oslo is a City near Bergen."
+    assert ours.encode(sample) == theirs(sample)["input_ids"]
+    assert ours.encode(sample)[0] == ours.backend.token_to_id("[CLS]")
+    assert ("oslo" in theirs.tokenize(sample)) == lowercase
+    assert (tmp_path / "tok" / "vocab.txt").is_file()
+
+
+def test_train_tokenizer_bad_input(tmp_path):
+    result = run_cli("train-tokenizer", str(tmp_path / "missing.txt"), "--out",
+                     str(tmp_path / "tok"))
+    assert_clean_failure(result, "missing.txt", leftovers=[tmp_path / "tok"])

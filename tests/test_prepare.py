@@ -14,7 +14,8 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from bert_jax.data import prepare
 from bert_jax.data.prepare import prepare_corpus, read_shards
 from bert_jax.data.records import decode_document
-from bert_jax.demo import build_tokenizer
+from bert_jax.data.train_tokenizer import train_wordpiece
+from bert_jax.demo import CORPUS
 from bert_jax.errors import BertJaxError
 
 DOCS = [["Paris is the capital of France.", "Oslo is the capital of Norway."],
@@ -31,8 +32,7 @@ BLANK_LINE_TEXT = ("Paris is the capital of France.\r\nOslo is the capital of No
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(path)
-    return path
+    return train_wordpiece(CORPUS, path, vocab_size=200, min_frequency=1)
 
 
 def encode(tokenizer_dir, documents):

@@ -14,7 +14,6 @@ from conftest import make_hf_model, save_hf_model, transformers
 
 from bert_jax.cli import main
 from bert_jax.convert.weight_files import read_state_dict
-from bert_jax.demo import build_tokenizer
 
 
 def docstrings(limit: int) -> list[str]:
@@ -42,7 +41,8 @@ def corpus(tmp_path_factory):
     docs = docstrings(400)
     (root / "train.txt").write_text("\n\n".join(docs[:340]) + "\n")
     (root / "eval.txt").write_text("\n\n".join(docs[340:]) + "\n")
-    build_tokenizer(root / "tok")
+    assert main(["train-tokenizer", str(root / "train.txt"), "--out", str(root / "tok"),
+                 "--vocab-size", "1000"]) == 0
     for split in ("train", "eval"):
         assert main(["prepare-data", str(root / f"{split}.txt"), "--out", str(root / split),
                      "--tokenizer", str(root / "tok"), "--workers", "1", "--quiet"]) == 0
