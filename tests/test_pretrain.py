@@ -104,3 +104,49 @@ def test_continued_pretraining_from_transformers(corpus, tmp_path):
     assert model.config.architectures == ["BertForMaskedLM"]
     assert not np.array_equal(before[key], after[key])  # it trained
     assert np.abs(before[key] - after[key]).max() < 0.1  # from the source, not from scratch
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_step_then_resume(corpus, tmp_path):
+    """SIGKILL mid-run (async checkpoints in flight), then --resume: the final params equal an
+    uninterrupted run's bit for bit, and every step logged by either part of the interrupted
+    run has the uninterrupted run's loss (so the same batches were consumed)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    assert pretrain(corpus, tmp_path / "straight", 40, "train.log_every=1") == 0
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny-mlm.yaml"
+    run = tmp_path / "killed"
+    sets = [f"data.train={corpus / 'train'}", f"data.eval={corpus / 'eval'}",
+            f"train.output_dir={run}", "train.steps=40", "optimizer.total_steps=40",
+            "optimizer.warmup_steps=5", "train.save_every=5", "train.eval_every=20",
+            "train.log_every=1"]
+    args = [sys.executable, "-m", "bert_jax.cli", "pretrain", "--config", str(recipe),
+            "--tokenizer", str(corpus / "tok"), "--quiet"]
+    for item in sets:
+        args += ["--set", item]
+    kill_after = random.Random().randint(8, 30)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (run / "log.jsonl").is_file() and any(
+                r.get("step", 0) >= kill_after for r in logged(run)):
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run / "hf").exists()
+
+    assert main(args[3:] + ["--resume"]) == 0
+    straight = read_state_dict(tmp_path / "straight" / "hf")
+    resumed = read_state_dict(run / "hf")
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
+    expected = {r["step"]: r["loss"] for r in logged(tmp_path / "straight") if "loss" in r}
+    seen = [(r["step"], r["loss"]) for r in logged(run) if "loss" in r]
+    assert {step for step, _ in seen} == set(expected)
+    assert all(loss == expected[step] for step, loss in seen)
