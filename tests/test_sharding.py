@@ -8,20 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import bert_jax
 from bert_jax import sharding
+from bert_jax.training.checkpointing import TrainCheckpoints
+from bert_jax.training.train_step import create_train_state, state_shardings
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_step.py"
 
 
-def run_steps(tmp_path, devices: int, mesh: tuple[int, int, int]):
+def run_steps(tmp_path, devices: int, mesh: tuple[int, int, int], *checkpoint_dir):
     out = tmp_path / f"mesh_{'x'.join(map(str, mesh))}.npz"
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), *map(str, mesh)], env=env,
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), *map(str, mesh),
+                             *map(str, checkpoint_dir)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return np.load(out)
@@ -39,6 +44,25 @@ def test_one_device_equals_sixteen(tmp_path):
         np.testing.assert_allclose(sharded[key], single[key], atol=1e-5, rtol=0, err_msg=key)
     # Params are really split: each device holds far less than the whole model.
     assert int(sharded["per_device_bytes"]) < int(single["per_device_bytes"]) / 4
+
+
+@pytest.mark.slow
+def test_checkpoint_from_sixteen_devices_restores_on_one(tmp_path):
+    """A train state saved sharded over 16 devices restores onto this process's one device."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sharded_step import CONFIG, OPTIMIZER
+
+    saved = run_steps(tmp_path, 16, (2, 4, 2), tmp_path / "ckpt")
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1))
+    shapes = jax.eval_shape(lambda: create_train_state(CONFIG, OPTIMIZER, mesh))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, state_shardings(CONFIG, OPTIMIZER, mesh))
+    state, record = TrainCheckpoints(tmp_path / "ckpt").restore(2, target)
+    assert record == {"mesh": [2, 4, 2]} and int(state.step) == 2
+    restored = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    assert restored.keys() == {k for k in saved.files if "/" in k}
+    for key, value in restored.items():
+        assert np.array_equal(value, saved[key]), key
 
 
 @pytest.mark.parametrize("mesh,devices,needle", [
@@ -67,7 +91,6 @@ def test_batch_not_divisible():
 def test_every_logical_axis_has_a_rule():
     """No parameter of any family carries a logical name the rules table does not know."""
     import flax.linen as nn
-    import jax
 
     from bert_jax.families import BERT, GPT_BERT
 

@@ -1,6 +1,8 @@
 """Two train steps of a tiny BertForPreTraining on a given mesh; saves loss and params.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=16 python sharded_step.py OUT.npz D F T
+    XLA_FLAGS=--xla_force_host_platform_device_count=16 python sharded_step.py OUT.npz D F T [CKPT]
+
+With CKPT, the final train state is also saved there as a training checkpoint (step 2).
 
 Run in its own process because the simulated device count is fixed at JAX start-up.
 """
@@ -14,13 +16,17 @@ from flax import traverse_util
 
 import bert_jax
 from bert_jax import sharding
+from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.train_step import create_train_state, make_train_step
 
 
-def main(out, data, fsdp, tensor):
+CONFIG = bert_jax.preset("tiny", architectures=("BertForPreTraining",), vocab_size=128)
+OPTIMIZER = optax.adamw(1e-3, weight_decay=0.01)
+
+
+def main(out, data, fsdp, tensor, checkpoint_dir=None):
     mesh = sharding.make_mesh(sharding.MeshConfig(int(data), int(fsdp), int(tensor)))
-    config = bert_jax.preset("tiny", architectures=("BertForPreTraining",), vocab_size=128)
-    optimizer = optax.adamw(1e-3, weight_decay=0.01)
+    config, optimizer = CONFIG, OPTIMIZER
     state = create_train_state(config, optimizer, mesh, seed=0)
     step = make_train_step(config, optimizer, mesh)
     rng = np.random.default_rng(0)
@@ -34,6 +40,11 @@ def main(out, data, fsdp, tensor):
         with jax.set_mesh(mesh):
             state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
+    if checkpoint_dir is not None:
+        checkpoints = TrainCheckpoints(checkpoint_dir, async_save=False)
+        checkpoints.save(2, state, {"mesh": [int(data), int(fsdp), int(tensor)]})
+        checkpoints.wait()
+        checkpoints.close()
     flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
     np.savez(out, losses=np.array(losses), devices=len(jax.devices()),
              per_device_bytes=sharding.bytes_per_device(state.params), **flat)
