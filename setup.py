@@ -24,6 +24,8 @@ setup(
         "grain>=0.2.18",
         "array_record>=0.8.6",
         "tqdm>=4.66",
+        "pyyaml>=6.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [

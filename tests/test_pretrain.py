@@ -81,6 +81,7 @@ def test_pretrain_resume_and_export(corpus, tmp_path):
     resumed_losses = {r["step"]: r["loss"] for r in logged(tmp_path / "resumed") if "loss" in r}
     assert resumed_losses == losses
 
+    assert (tmp_path / "straight" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = [r for r in logged(tmp_path / "straight") if "eval_mlm_loss" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert 0 < evals[-1]["eval_mlm_accuracy"] <= 1 and evals[-1]["eval_perplexity"] > 1

@@ -4,7 +4,8 @@ Builds the model (from a preset, or from an HF / Orbax directory for continued
 pretraining), the sharded train state, the Grain input pipeline and the checkpoints; then
 trains with a progress bar, JSONL logs on process 0, periodic eval and checkpoints, a guard
 against non-finite losses, and a SIGTERM handler that saves before exiting (TPU spot
-preemption). `resume=True` continues from the newest complete checkpoint, data included.
+preemption). `resume=True` continues from the newest complete checkpoint, data included. A finished
+run leaves `hf/` (an export transformers loads) and `loss.png` in its directory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.optimizer import build_optimizer, learning_rate_schedule
+from bert_jax.training.plots import plot_loss
 from bert_jax.training.recipe import Recipe
 from bert_jax.training.train_step import (
     create_train_state,
@@ -150,6 +152,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     if main_process and not preemption.requested:
         params = jax.device_get(state.params)
         PretrainedModel(config, params, Path(tokenizer_dir)).save_pretrained(out / "hf")
+        plot_loss(out / "log.jsonl", out / "loss.png")
     return metrics
 
 
