@@ -21,6 +21,7 @@ from bert_jax.modeling.layers import (
     dense,
     embed,
     layer_norm,
+    merge_choices,
     remat_layer,
 )
 from bert_jax.modeling.outputs import (
@@ -265,12 +266,9 @@ class BertForMultipleChoice(nn.Module):
                  labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
         c = self.config
         num_choices = input_ids.shape[1]
-
-        def flat(x):
-            return None if x is None else x.reshape(-1, x.shape[-1])
-
-        out = BertModel(c, name="bert")(flat(input_ids), flat(attention_mask), flat(token_type_ids),
-                                        flat(position_ids), deterministic, output_hidden_states)
+        out = BertModel(c, name="bert")(
+            merge_choices(input_ids), merge_choices(attention_mask), merge_choices(token_type_ids),
+            merge_choices(position_ids), deterministic, output_hidden_states)
         logits = Classifier(c, 1, c.classifier_dropout_prob, name="classifier")(
             out.pooler_output, deterministic).reshape(-1, num_choices)
         loss = None if labels is None else losses.cross_entropy(logits, labels)

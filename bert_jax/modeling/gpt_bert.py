@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
-from bert_jax.modeling.layers import constrain_hidden, remat_layer
+from bert_jax.modeling.layers import constrain_hidden, merge_choices, remat_layer
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
 
 
@@ -299,6 +299,12 @@ class _WithEncoder(nn.Module):
                                                        deterministic, output_hidden_states,
                                                        past_key_values)
 
+    def lm_logits(self, h_BTD, deterministic: bool):
+        """The LM heads' bounded vocabulary logits of every position (unshifted)."""
+        c = self.config
+        return bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
+            h_BTD, deterministic))
+
     def classify(self, x, num_outputs: int, deterministic: bool):
         """The task heads' classifier (dropout before its output layer)."""
         c = self.config
@@ -324,8 +330,7 @@ class GptBertForMaskedLM(_WithEncoder):
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
                           output_hidden_states)
-        z_BTV = bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
-            out.last_hidden_state, deterministic))
+        z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None if labels is None else next_token_loss(z_BTV, labels)
         bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], c.bos_token_id), c.vocab_size)
         logits = jnp.concatenate([bos_BV[:, None], z_BTV[:, :-1]], axis=1)
@@ -339,11 +344,9 @@ class GptBertForCausalLM(_WithEncoder):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False,
                  past_key_values=None) -> LogitsOutput:
-        c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
                           output_hidden_states, past_key_values)
-        logits = bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
-            out.last_hidden_state, deterministic))
+        logits = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None if labels is None else next_token_loss(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state,
                             out.past_key_values)
@@ -404,12 +407,8 @@ class GptBertForMultipleChoice(_WithEncoder):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False) -> LogitsOutput:
         num_choices = input_ids.shape[1]
-
-        def flat(x):
-            return None if x is None else x.reshape(-1, x.shape[-1])
-
-        out = self.encode(flat(input_ids), flat(attention_mask), flat(position_ids),
-                          deterministic, output_hidden_states)
+        out = self.encode(merge_choices(input_ids), merge_choices(attention_mask),
+                          merge_choices(position_ids), deterministic, output_hidden_states)
         logits = self.classify(out.last_hidden_state[:, 0], 1, deterministic)
         logits = logits.reshape(-1, num_choices)
         loss = None if labels is None else losses.cross_entropy(logits, labels)

@@ -31,6 +31,11 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
+def merge_choices(x_BCT):
+    """Multiple choice: [B, C, T] inputs -> [B * C, T] (None stays None)."""
+    return None if x_BCT is None else x_BCT.reshape(-1, x_BCT.shape[-1])
+
+
 def constrain_hidden(x_BTD):
     """Keep the residual stream split by examples under a mesh (`jax.set_mesh`; a no-op
     without one), so the partitioner never trades the batch split for the params' split."""
