@@ -32,11 +32,13 @@ def main() -> None:
                                + f" --xla_force_host_platform_device_count={args.devices}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
 
     from bert_jax import sharding
+    from bert_jax.families import BERT
     from bert_jax.modeling.presets import preset
     from bert_jax.training.train_step import TrainState, make_train_step, state_shardings
 
@@ -46,24 +48,14 @@ def main() -> None:
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
     shardings = state_shardings(config, optimizer, mesh)
 
-    from bert_jax.families import BERT
-    import flax.linen as nn
-
     params = nn.meta.unbox(BERT.abstract_variables(config)["params"])
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           opt_state=jax.eval_shape(optimizer.init, params),
                           rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)
-    state_bytes = [0] * len(jax.devices())
-    total = 0
-    for leaf in jax.tree.leaves(abstract):
-        size = leaf.dtype.itemsize
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        for device in leaf.sharding.device_set:
-            state_bytes[device.id] += size * int(jnp.prod(jnp.array(shard)))
-        total += size * int(jnp.prod(jnp.array(leaf.shape)))
-    per_device = max(state_bytes)
+    per_device = sharding.bytes_per_device(abstract)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
     batch = {"input_ids": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32),
