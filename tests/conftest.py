@@ -1,8 +1,12 @@
-"""Tiny random Hugging Face models built inside the tests (nothing is downloaded)."""
+"""What the tests build for themselves (nothing is downloaded): tiny random Hugging Face
+models, and a small real corpus (the standard library's docstrings) prepared for pretraining."""
 
 from __future__ import annotations
 
+import ast
 import os
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +79,39 @@ def hf_dir(tmp_path):
         return model, save_hf_model(model, tmp_path / name)
 
     return make
+
+
+def docstrings(limit: int) -> list[str]:
+    """Multi-line docstrings of the standard library, one document each."""
+    found = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                lines = [line.strip() for line in (doc or "").splitlines() if line.strip()]
+                if len(lines) >= 2:
+                    found.append("\n".join(lines))
+        if len(found) >= limit:
+            return found[:limit]
+    return found
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Docstrings split into train/eval text, a WordPiece tokenizer and prepared shards."""
+    from bert_jax.cli import main
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = docstrings(400)
+    (root / "train.txt").write_text("\n\n".join(docs[:340]) + "\n")
+    (root / "eval.txt").write_text("\n\n".join(docs[340:]) + "\n")
+    assert main(["train-tokenizer", str(root / "train.txt"), "--out", str(root / "tok"),
+                 "--vocab-size", "1000"]) == 0
+    for split in ("train", "eval"):
+        assert main(["prepare-data", str(root / f"{split}.txt"), "--out", str(root / split),
+                     "--tokenizer", str(root / "tok"), "--workers", "1", "--quiet"]) == 0
+    return root

@@ -235,14 +235,14 @@ def test_gpt_bert_rows_packing_and_labels(shards):
     batches = take(gpt(shards, masked_ratio=0.5), 25)
     masked_labelled, masked_tokens = 0, 0
     for batch in batches:
-        assert set(batch) == {"input_ids", "labels", "segment_ids", "positions", "is_causal",
-                              "example_id"}
-        for key in ("input_ids", "labels", "segment_ids", "positions"):
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "segment_ids",
+                              "position_ids", "causal_rows", "example_id"}
+        for key in ("input_ids", "attention_mask", "labels", "segment_ids", "position_ids"):
             assert batch[key].shape == (4, 48) and batch[key].dtype == np.int32, key
-        assert batch["is_causal"].dtype == bool and batch["example_id"].dtype == np.int64
-        segments, positions, ids = batch["segment_ids"], batch["positions"], original(batch)
+        assert batch["causal_rows"].dtype == bool and batch["example_id"].dtype == np.int64
+        segments, positions, ids = batch["segment_ids"], batch["position_ids"], original(batch)
         starts = positions == 0
-        assert (segments > 0).all()  # full rows: no padding
+        assert (segments > 0).all() and (batch["attention_mask"] == 1).all()  # full rows
         np.testing.assert_array_equal(segments, np.cumsum(starts, axis=1))
         np.testing.assert_array_equal(positions[:, 1:][~starts[:, 1:]],
                                       positions[:, :-1][~starts[:, 1:]] + 1)
@@ -251,7 +251,7 @@ def test_gpt_bert_rows_packing_and_labels(shards):
                 tokens = ids[row, segments[row] == s]
                 text = tokens[1:] if tokens[0] == BOS else tokens
                 assert len(set(doc_of(text))) <= 1 and (np.diff(text) > 0).all()
-        labels, causal = batch["labels"], batch["is_causal"]
+        labels, causal = batch["labels"], batch["causal_rows"]
         np.testing.assert_array_equal(labels[causal], np.where(starts, -100, ids)[causal])
         assert not (batch["input_ids"][causal] == MASK).any()
         chosen = (labels != -100)[~causal]
@@ -259,7 +259,7 @@ def test_gpt_bert_rows_packing_and_labels(shards):
         np.testing.assert_array_equal(batch["input_ids"][~causal][~chosen], ids[~causal][~chosen])
         masked_labelled += chosen.sum()
         masked_tokens += (~starts[~causal]).sum()
-    causal = np.concatenate([b["is_causal"] for b in batches])
+    causal = np.concatenate([b["causal_rows"] for b in batches])
     assert 0.25 < causal.mean() < 0.75
     assert 0.1 < masked_labelled / masked_tokens < 0.2
 

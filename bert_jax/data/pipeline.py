@@ -120,13 +120,14 @@ def gpt_bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int,
                       max_span_length: int = 3, process_index: int = 0, process_count: int = 1,
                       num_epochs: int | None = None, worker_count: int = 0,
                       read_options: grain.ReadOptions | None = None) -> PipelineIterator:
-    """GPT-BERT (NorBERT 4) batches of packed rows: `[B, max_seq_length]` int32 input_ids,
-    labels, segment_ids, positions and `[B]` bool is_causal, int64 example_id (the row's index
-    in the global stream), B = global_batch_size / process_count.
+    """GPT-BERT (NorBERT 4) batches of packed rows, keyed by the model's inputs:
+    `[B, max_seq_length]` int32 input_ids, attention_mask, labels, segment_ids, position_ids
+    and `[B]` bool causal_rows, int64 example_id (the row's index in the global stream),
+    B = global_batch_size / process_count.
 
     Documents (sentences joined, `bos_id` prepended) are concatenated in shuffled order and
     cut into full rows (grain's `ConcatThenSplitIterDataset`): segment_ids number the documents
-    of a row from 1, positions restart at 0 for each. A document cut at a row's end goes on in
+    of a row from 1, position_ids restart at 0 for each. A document cut at a row's end goes on in
     the next row as a new segment (positions from 0, no BOS); only the stream's last row has
     padding (`pad_id`, segment 0). A row is masked with probability `masked_ratio` (span
     masking, `span_mask`), else causal. Labels are aligned with the inputs (the GPT-BERT loss
@@ -150,17 +151,18 @@ def gpt_bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int,
         real, first = segment_ids > 0, positions == 0
         input_ids[~real] = pad_id
         labels = np.where(real & ~first, input_ids, IGNORE_INDEX).astype(np.int32)
-        is_causal = np.empty(len(ids), bool)
+        causal_rows = np.empty(len(ids), bool)
         for row, index in enumerate(ids):
             rng = np.random.default_rng((seed, _ROW, int(index)))
-            is_causal[row] = rng.random() >= masked_ratio
-            if not is_causal[row]:
+            causal_rows[row] = rng.random() >= masked_ratio
+            if not causal_rows[row]:
                 input_ids[row], labels[row] = span_mask(
                     input_ids[row], ~real[row] | first[row], rng, vocab_size=vocab_size,
                     mask_token_id=mask_id, mask_probability=mask_probability,
                     max_span_length=max_span_length)
-        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids,
-                "positions": positions, "is_causal": is_causal, "example_id": ids}
+        return {"input_ids": input_ids, "attention_mask": real.astype(np.int32),
+                "labels": labels, "segment_ids": segment_ids, "position_ids": positions,
+                "causal_rows": causal_rows, "example_id": ids}
 
     ds = _documents(num_documents, seed, num_epochs).map(tokens).to_iter_dataset(read_options)
     ds = grain.experimental.ConcatThenSplitIterDataset(

@@ -36,6 +36,8 @@ class AttentionMask:
     query_segment_ids_BT / key_segment_ids_BS: packed sequences; a query only sees keys with
         the same segment id.
     causal: a query at position i sees keys j <= i.
+    causal_rows_B: causal for the rows where True only (GPT-BERT pretraining mixes causal and
+        bidirectional rows in one batch).
     window: (left, right): a query at i sees keys i - left <= j <= i + right.
     query_positions_BT / key_positions_BS: the positions i and j that causal and window
         compare, when they are not the indices in the row (a decoding cache, whose keys sit
@@ -47,6 +49,7 @@ class AttentionMask:
     key_segment_ids_BS: jax.Array | None = None
     query_positions_BT: jax.Array | None = None
     key_positions_BS: jax.Array | None = None
+    causal_rows_B: jax.Array | None = None
     causal: bool = struct.field(pytree_node=False, default=False)
     window: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
 
@@ -62,7 +65,7 @@ class AttentionMask:
         if self.query_segment_ids_BT is not None:
             same = self.query_segment_ids_BT[:, :, None] == self.key_segment_ids_BS[:, None, :]
             mask = both(mask, same[:, None])
-        if self.causal or self.window is not None:
+        if self.causal or self.window is not None or self.causal_rows_B is not None:
             i_BTS = jnp.arange(query_length)[None, :, None]
             j_BTS = jnp.arange(key_length)[None, None, :]
             if self.query_positions_BT is not None:
@@ -71,6 +74,8 @@ class AttentionMask:
             allowed = jnp.ones(jnp.broadcast_shapes(i_BTS.shape, j_BTS.shape), bool)
             if self.causal:
                 allowed &= j_BTS <= i_BTS
+            if self.causal_rows_B is not None:
+                allowed &= (j_BTS <= i_BTS) | ~self.causal_rows_B[:, None, None]
             if self.window is not None:
                 left, right = self.window
                 allowed &= (j_BTS >= i_BTS - left) & (j_BTS <= i_BTS + right)
@@ -100,7 +105,8 @@ def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "refer
         return _reference(q_BTNH, k_BSNH, v_BSNH, dense_mask, scale, dropout_rate, dropout_rng)
     if backend == "jax":
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
-    if backend == "cudnn" and mask.query_positions_BT is not None:  # decoding: XLA
+    if backend == "cudnn" and (mask.query_positions_BT is not None  # decoding: XLA
+                               or mask.causal_rows_B is not None):  # no per-row causal in cuDNN
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BSNH, v_BSNH, mask, scale)
@@ -251,7 +257,10 @@ def _blockwise_reference(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, scale, dro
     local_CW = (offset_CW >= -window_left) & (offset_CW <= window_right)
     if mask.causal:
         local_CW &= offset_CW <= 0
-    allowed_BKNCW = (allowed_BKCW & local_CW)[:, :, None]
+    local = local_CW
+    if mask.causal_rows_B is not None:
+        local = local_CW & ((offset_CW <= 0) | ~mask.causal_rows_B[:, None, None, None])
+    allowed_BKNCW = (allowed_BKCW & local)[:, :, None]
 
     scores_BKNCW = jnp.einsum("bkcnh,bkwnh->bkncw", q_BKCNH, k_BKWNH,
                               preferred_element_type=jnp.float32) * scale

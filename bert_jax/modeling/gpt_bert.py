@@ -92,10 +92,11 @@ class SelfAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT, padding_BT,
-                 deterministic: bool, cache: dict | None = None):
+    def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT,
+                 mask: AttentionMask, deterministic: bool, cache: dict | None = None):
         """Returns the attention output, the first layer's values (for the value residual)
-        and the updated cache (when decoding with one)."""
+        and the updated cache (when decoding with one). `mask` is the model's (padding,
+        segments, causal); this layer adds its window."""
         c, eps = self.config, self.config.layer_norm_eps
         n, dqk, dv = c.num_attention_heads, c.query_key_head_size, c.value_head_size
         q_BTNH, k_BTNH = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c,
@@ -117,11 +118,9 @@ class SelfAttention(nn.Module):
         q_BTNH, k_BTNH = rope(q_BTNH, positions_BT, theta), rope(k_BTNH, positions_BT, theta)
 
         window = c.window(self.layer)
-        mask = AttentionMask(key_padding_BS=padding_BT, causal=c.is_causal,
-                             window=(window, 0 if c.is_causal else window))
+        mask = mask.replace(window=(window, 0 if mask.causal else window))
         if cache is not None:  # keys: the cached ones, then the new ones; masks by position
-            k_BTNH, v_BTNH, mask, cache = _with_cache(cache, k_BTNH, v_BTNH, positions_BT,
-                                                      padding_BT, mask)
+            k_BTNH, v_BTNH, mask, cache = _with_cache(cache, k_BTNH, v_BTNH, positions_BT, mask)
         dropout_rng = None
         if not deterministic and c.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
@@ -150,7 +149,7 @@ def init_cache(config: GptBertConfig, batch: int, max_length: int) -> dict:
     return {"length": jnp.zeros((), jnp.int32), "layers": tuple(layers)}
 
 
-def _with_cache(cache, k_BTNH, v_BTNH, positions_BT, padding_BT, mask: AttentionMask):
+def _with_cache(cache, k_BTNH, v_BTNH, positions_BT, mask: AttentionMask):
     """Attend over cache + new keys; write the newest `slots` tokens into the ring buffer.
 
     Slots are assigned by stream index (`length` counts every token fed, padding too), so
@@ -160,7 +159,7 @@ def _with_cache(cache, k_BTNH, v_BTNH, positions_BT, padding_BT, mask: Attention
     keys = jnp.concatenate([layer["k"], k_BTNH], axis=1)
     values = jnp.concatenate([layer["v"], v_BTNH], axis=1)
     key_positions = jnp.concatenate([layer["positions"], positions_BT.astype(jnp.int32)], axis=1)
-    valid = jnp.concatenate([layer["valid"], padding_BT.astype(bool)], axis=1)
+    valid = jnp.concatenate([layer["valid"], mask.key_padding_BS.astype(bool)], axis=1)
     mask = AttentionMask(key_padding_BS=valid, causal=True, window=mask.window,
                          query_positions_BT=positions_BT, key_positions_BS=key_positions)
     slots, new = layer["k"].shape[1], k_BTNH.shape[1]
@@ -195,7 +194,7 @@ class Layer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, padding_BT, deterministic,
+    def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, mask, deterministic,
                  cache=None):
         c = self.config
         lam = self.param("lambdas", nn.with_logical_partitioning(
@@ -206,7 +205,7 @@ class Layer(nn.Module):
             return ((1.0 - weight) * h_BTD + weight * emb_BTD).astype(c.dtype)
 
         attn_BTD, first_value, cache = SelfAttention(c, self.layer, name="attention")(
-            mix(lam[0]), mix(lam[1]), first_value, positions_BT, padding_BT, deterministic, cache)
+            mix(lam[0]), mix(lam[1]), first_value, positions_BT, mask, deterministic, cache)
         mlp_in = jax.nn.softplus(lam[2]) * mix(lam[3]) + attn_BTD
         mlp_out = FeedForward(c, name="mlp")(mlp_in.astype(c.dtype), deterministic)
         h_BTD = jax.nn.softplus(lam[4]) * mix(lam[5]) + attn_BTD + mlp_out
@@ -217,14 +216,17 @@ class GptBertModel(nn.Module):
     """Embedding and the layer stack; `last_hidden_state` is the raw residual stream.
 
     With `past_key_values` (from `init_cache`) the inputs continue the cached tokens (causal
-    decoding), `position_ids` are required, and the updated cache is returned.
+    decoding), `position_ids` are required, and the updated cache is returned. Packed
+    pretraining rows give `segment_ids` (tokens see their own document only) and
+    `causal_rows` (which rows are causal, whatever the config says).
     """
 
     config: GptBertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True,
-                 output_hidden_states=False, past_key_values=None) -> BaseModelOutput:
+                 output_hidden_states=False, past_key_values=None, segment_ids=None,
+                 causal_rows=None) -> BaseModelOutput:
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -240,6 +242,9 @@ class GptBertModel(nn.Module):
         emb_BTD = nn.Dropout(c.embedding_dropout)(emb_BTD, deterministic=deterministic)
         emb_BTD = constrain_hidden(emb_BTD.astype(c.dtype))
 
+        mask = AttentionMask(key_padding_BS=attention_mask, query_segment_ids_BT=segment_ids,
+                             key_segment_ids_BS=segment_ids, causal_rows_B=causal_rows,
+                             causal=c.is_causal and causal_rows is None)
         h_BTD, first_value, hidden_states, caches = emb_BTD, None, [emb_BTD], []
         layer_cls = remat_layer(Layer, c.remat, static_argnums=(6,))  # deterministic
         for i in range(c.num_layers):
@@ -247,7 +252,7 @@ class GptBertModel(nn.Module):
             if past_key_values is not None:
                 cache = {"layer": past_key_values["layers"][i], "length": past_key_values["length"]}
             h_BTD, first_value, cache = layer_cls(c, i, name=f"layer_{i}")(
-                h_BTD, emb_BTD, first_value, position_ids, attention_mask, deterministic, cache)
+                h_BTD, emb_BTD, first_value, position_ids, mask, deterministic, cache)
             h_BTD = constrain_hidden(h_BTD)
             hidden_states.append(h_BTD)
             caches.append(cache)
@@ -294,10 +299,10 @@ class _WithEncoder(nn.Module):
     config: GptBertConfig
 
     def encode(self, input_ids, attention_mask, position_ids, deterministic, output_hidden_states,
-               past_key_values=None):
+               past_key_values=None, segment_ids=None, causal_rows=None):
         return GptBertModel(self.config, name="model")(input_ids, attention_mask, position_ids,
                                                        deterministic, output_hidden_states,
-                                                       past_key_values)
+                                                       past_key_values, segment_ids, causal_rows)
 
     def lm_logits(self, h_BTD, deterministic: bool):
         """The LM heads' bounded vocabulary logits of every position (unshifted)."""
@@ -332,9 +337,47 @@ class GptBertForMaskedLM(_WithEncoder):
                           output_hidden_states)
         z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None if labels is None else next_token_loss(z_BTV, labels)
-        bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], c.bos_token_id), c.vocab_size)
-        logits = jnp.concatenate([bos_BV[:, None], z_BTV[:, :-1]], axis=1)
-        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state)
+        return LogitsOutput(_predicting_own_position(z_BTV, c.bos_token_id), loss,
+                            out.hidden_states, out.last_hidden_state)
+
+
+class GptBertForPreTraining(_WithEncoder):
+    """GPT-BERT's hybrid objective on packed rows (`data.pipeline.gpt_bert_pipeline`): masked
+    next-token prediction on bidirectional rows, next-token prediction on `causal_rows`, one
+    LM head. Each objective's loss is its token mean, weighted by its share of the rows, so
+    causal rows (every token labelled) do not drown the masked ones (15% labelled). Logits
+    are returned as the masked-LM head's (`logits[:, i]` predicts token i). Saved as
+    `GptBertForMaskedLM`, whose parameters these are."""
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                 causal_rows=None, labels=None, deterministic=True,
+                 output_hidden_states=False) -> LogitsOutput:
+        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+                          output_hidden_states, segment_ids=segment_ids, causal_rows=causal_rows)
+        z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
+        loss = None
+        if labels is not None and causal_rows is None:
+            loss = next_token_loss(z_BTV, labels)
+        elif labels is not None:
+            causal_share = jnp.mean(causal_rows.astype(jnp.float32))
+            causal = jnp.where(causal_rows[:, None], labels, losses.IGNORE_INDEX)
+            masked = jnp.where(causal_rows[:, None], losses.IGNORE_INDEX, labels)
+            loss = (causal_share * _or_zero(next_token_loss(z_BTV, causal))
+                    + (1.0 - causal_share) * _or_zero(next_token_loss(z_BTV, masked)))
+        return LogitsOutput(_predicting_own_position(z_BTV, self.config.bos_token_id), loss,
+                            out.hidden_states, out.last_hidden_state)
+
+
+def _predicting_own_position(z_BTV, bos_token_id: int):
+    """Next-token logits shifted right by one, a BOS one-hot in front: `[:, i]` predicts i."""
+    bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], bos_token_id), z_BTV.shape[-1])
+    return jnp.concatenate([bos_BV[:, None], z_BTV[:, :-1]], axis=1)
+
+
+def _or_zero(loss):
+    """A loss over no labelled token (0 / 0) counts as 0: a batch may lack one row kind."""
+    return jnp.where(jnp.isfinite(loss), loss, 0.0)
 
 
 class GptBertForCausalLM(_WithEncoder):
@@ -419,6 +462,7 @@ TASK_MODELS = {
     "Model": GptBertForBaseModel,
     "ForMaskedLM": GptBertForMaskedLM,
     "ForCausalLM": GptBertForCausalLM,
+    "ForPreTraining": GptBertForPreTraining,  # bert_jax's pretraining objective, not in the Hub code
     "ForSequenceClassification": GptBertForSequenceClassification,
     "ForTokenClassification": GptBertForTokenClassification,
     "ForQuestionAnswering": GptBertForQuestionAnswering,

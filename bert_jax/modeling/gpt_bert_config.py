@@ -37,7 +37,7 @@ LOCAL_THETA, GLOBAL_THETA = 10_000.0, 160_000.0  # the Hub code ignores `rope_th
 class GptBertConfig(ModelConfig):
     HEADS: ClassVar[tuple[str, ...]] = (
         "Model", "ForMaskedLM", "ForCausalLM", "ForSequenceClassification",
-        "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+        "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice", "ForPreTraining")
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ModelConfig.RUNTIME_FIELDS + ("window_rule",)
 
     architectures: tuple[str, ...] = ("GptBertForMaskedLM",)

@@ -33,10 +33,13 @@ class DataSection:
     eval: str | None = None
     max_seq_length: int = 128
     global_batch_size: int = 32
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # GPT-BERT: the masked rows' masking rate
     max_predictions_per_seq: int | None = None
+    whole_word_masking: bool = False
     nsp: bool = True
     short_seq_prob: float = 0.1
+    masked_ratio: float = 0.5  # GPT-BERT: the share of masked (vs causal) rows
+    max_span_length: int = 3  # GPT-BERT: masked spans are 1..this many tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,7 @@ class TrainSection:
     save_every: int = 200
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    record_example_ids: bool = False  # audit: example_ids.process<i>.jsonl, ids fed per step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""What a run records: its metrics, written by process 0 only, as `log.jsonl` (one JSON object
+per record, the file the loss plot and the tests read) and TensorBoard event files under
+`tensorboard/` (through tensorboardX, which needs no TensorFlow), one scalar per key at its
+step; and, on request, the example ids every step consumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+from tensorboardX import SummaryWriter
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self._jsonl = (run_dir / "log.jsonl").open("a") if enabled else None
+        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+
+    def write(self, metrics: dict) -> None:
+        """`metrics` holds "step" and numbers."""
+        if self._jsonl is None:
+            return
+        self._jsonl.write(json.dumps(metrics) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            if key != "step":
+                self._tensorboard.add_scalar(key, value, metrics["step"])
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+class ExampleIdLog:
+    """Which examples each step consumed, per process (`example_ids.process<i>.jsonl`): the
+    audit trail that shows a resumed run repeats and skips nothing. A step re-run after a
+    crash appears twice; its last line is the one that counts."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        path = run_dir / f"example_ids.process{jax.process_index()}.jsonl"
+        self._file = path.open("a") if enabled else None
+
+    def write(self, step: int, example_ids) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "example_ids": example_ids.tolist()}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
