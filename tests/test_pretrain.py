@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 from conftest import make_hf_model, save_hf_model, transformers
 
+import bert_jax
 from bert_jax.cli import main
 from bert_jax.convert.weight_files import read_state_dict
+from bert_jax.data.pipeline import split_example_id
+from bert_jax.data.prepare import read_shards
 
 
 def pretrain(corpus, out, steps, *extra, resume=False):
@@ -47,6 +51,12 @@ def test_pretrain_resume_and_export(corpus, tmp_path):
     assert resumed_losses == losses
 
     assert (tmp_path / "straight" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard (its own reader) sees the same scalars as log.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "straight" / "tensorboard")).Reload()
+    assert {"loss", "learning_rate", "tokens_per_second", "eval_mlm_loss"} <= set(
+        events.Tags()["scalars"])
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses, rel=1e-6)
     evals = [r for r in logged(tmp_path / "straight") if "eval_mlm_loss" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert 0 < evals[-1]["eval_mlm_accuracy"] <= 1 and evals[-1]["eval_mlm_perplexity"] > 1
@@ -84,13 +94,14 @@ def test_kill_9_at_a_random_step_then_resume(corpus, tmp_path):
     import sys
     import time
 
-    assert pretrain(corpus, tmp_path / "straight", 40, "train.log_every=1") == 0
+    assert pretrain(corpus, tmp_path / "straight", 40, "train.log_every=1",
+                    "train.record_example_ids=true") == 0
     recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny-mlm.yaml"
     run = tmp_path / "killed"
     sets = [f"data.train={corpus / 'train'}", f"data.eval={corpus / 'eval'}",
             f"train.output_dir={run}", "train.steps=40", "optimizer.total_steps=40",
             "optimizer.warmup_steps=5", "train.save_every=5", "train.eval_every=20",
-            "train.log_every=1"]
+            "train.log_every=1", "train.record_example_ids=true"]
     args = [sys.executable, "-m", "bert_jax.cli", "pretrain", "--config", str(recipe),
             "--tokenizer", str(corpus / "tok"), "--quiet"]
     for item in sets:
@@ -116,3 +127,40 @@ def test_kill_9_at_a_random_step_then_resume(corpus, tmp_path):
     seen = [(r["step"], r["loss"]) for r in logged(run) if "loss" in r]
     assert {step for step, _ in seen} == set(expected)
     assert all(loss == expected[step] for step, loss in seen)
+    # The examples fed, step by step, from the recorded ids: the killed run re-fed the steps
+    # after its last checkpoint (logged twice) with the same examples, so nothing repeats
+    # or goes missing; and no example appears twice within the epoch.
+    fed = [json.loads(line) for line in (run / "example_ids.process0.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(line) for line in
+                     (tmp_path / "straight" / "example_ids.process0.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["example_ids"] for r in uninterrupted}
+    assert sorted(by_step) == list(range(1, 41))
+    assert all(r["example_ids"] == by_step[r["step"]] for r in fed)
+    assert {r["step"] for r in fed} == set(by_step)
+    documents = len(grain.sources.ArrayRecordDataSource(read_shards(corpus / "train")))
+    first_epoch = [i for step in sorted(by_step) for i in by_step[step]
+                   if split_example_id(i, documents)[0] == 0]
+    assert len(first_epoch) == len(set(first_epoch))
+
+
+@pytest.mark.slow
+def test_gpt_bert_pretraining(corpus, tmp_path):
+    """NorBERT 4 from scratch: the hybrid objective trains, held-out masked and causal losses
+    are both reported, and the export is a GPT-BERT masked LM with the tokenizer's ids."""
+    run = tmp_path / "gpt_bert"
+    assert pretrain(corpus, run, 30, "model.preset=norbert4-tiny", "model.overrides={}",
+                    "data.nsp=false",
+                    "data.masked_ratio=0.75", "optimizer.total_steps=30",
+                    "train.eval_every=30", "train.log_every=1") == 0
+    records = logged(run)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+    final = [r for r in records if "eval_causal_loss" in r][-1]
+    assert final["eval_mlm_loss"] > 0 and final["eval_causal_loss"] > 0
+    config = json.loads((run / "hf" / "config.json").read_text())
+    tokenizer = json.loads((corpus / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert config["architectures"] == ["GptBertForMaskedLM"]
+    assert (config["bos_token_id"], config["mask_token_id"]) == (tokenizer["[CLS]"],
+                                                                 tokenizer["[MASK]"])
+    model = bert_jax.from_pretrained(run / "hf")
+    assert model(np.array([[tokenizer["[CLS]"], 7, 8, 9]])).logits.shape == (1, 4, len(tokenizer))

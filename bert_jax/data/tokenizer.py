@@ -2,7 +2,11 @@
 
 `tokenizer.json` (what `transformers` fast tokenizers save) is used as is; a directory with
 only a WordPiece `vocab.txt` (older BERT checkpoints) gets the standard BERT pipeline, with
-the casing from `tokenizer_config.json`.
+the casing from `tokenizer_config.json`. A directory with only a SentencePiece `*.model`
+(older ALBERT, XLM-R, T5 checkpoints) is converted in memory by `transformers` (then needed at
+run time): each tokenizer class adds its own normalization, id offsets and special tokens to
+the model, which only `transformers` knows, so its conversion gives the ids the checkpoint was
+trained with.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import sentencepiece
 import tokenizers
 from tokenizers.implementations import BertWordPieceTokenizer
 
@@ -58,8 +63,11 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         except (TypeError, ValueError, OSError) as err:  # e.g. [CLS]/[SEP] not in the vocab
             raise BertJaxError(f"{model_dir / 'vocab.txt'}: not a usable WordPiece vocabulary "
                                f"({err})") from None
+    elif model_files := sorted(model_dir.glob("*.model")):
+        return _from_sentencepiece(model_dir, model_files, config)
     else:
-        raise BertJaxError(f"{model_dir}: no tokenizer found (expected tokenizer.json or vocab.txt)")
+        raise BertJaxError(f"{model_dir}: no tokenizer found (expected tokenizer.json, vocab.txt "
+                           "or a SentencePiece *.model)")
     mask = config.get("mask_token") or next(
         (t for t in ("[MASK]", "<mask>") if backend.token_to_id(t) is not None), None)
     pad = config.get("pad_token")
@@ -77,3 +85,32 @@ def _special_tokens(model_dir: Path) -> dict:
     return {k: v["content"] if isinstance(v, dict) and "content" in v else v
             for k, v in config.items()}
 
+
+def _from_sentencepiece(model_dir: Path, model_files: list[Path], config: dict) -> Tokenizer:
+    """What `transformers.AutoTokenizer` makes of the directory (remote code off)."""
+    if "tokenizer_class" not in config and not (model_dir / "config.json").is_file():
+        raise BertJaxError(f"{model_dir}: a SentencePiece model needs a tokenizer_config.json "
+                           "naming its tokenizer_class (e.g. AlbertTokenizer) or a config.json")
+    for path in model_files:
+        try:
+            sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):
+            raise BertJaxError(f"{path}: not a readable SentencePiece model") from None
+    try:
+        import transformers
+    except ImportError:
+        raise BertJaxError(f"{model_dir}: converting a SentencePiece model needs transformers "
+                           "(pip install transformers)") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as err:  # transformers raises assorted types for directories it cannot use
+        reason = " ".join(str(err).split())
+        raise BertJaxError(f"{model_dir}: transformers cannot make a tokenizer of it "
+                           f"({reason})") from None
+    # A class that finds no model file of its name builds a near-empty vocabulary instead.
+    if Path(getattr(tokenizer, "vocab_file", None) or "").name not in {p.name for p in model_files}:
+        expected = tokenizer.vocab_files_names.get("vocab_file", "its own model file")
+        raise BertJaxError(f"{model_dir}: {type(tokenizer).__name__} reads {expected}, not "
+                           f"{', '.join(p.name for p in model_files)}")
+    return Tokenizer(tokenizer.backend_tokenizer, tokenizer.mask_token,
+                     tokenizer.pad_token_id or 0, bool(tokenizer.clean_up_tokenization_spaces))

@@ -15,4 +15,9 @@ def preset(name: str, **overrides):
     """A named preset with fields replaced, e.g. `preset("tiny", architectures=(...,))`."""
     if name not in PRESETS:
         raise BertJaxError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    fields = {f.name for f in dataclasses.fields(PRESETS[name])}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise BertJaxError(f"preset {name!r} ({type(PRESETS[name]).__name__}) has no field "
+                           f"{unknown[0]!r}")
     return dataclasses.replace(PRESETS[name], **overrides)

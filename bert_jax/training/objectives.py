@@ -9,6 +9,8 @@ NorBERT 4's Hub code loads.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -17,6 +19,25 @@ from bert_jax.data.prepare import read_shards
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+
+
+# Config fields of special-token ids, and the tokens that fill them (BERT's or NorBERT's).
+_SPECIAL_TOKENS = {"bos_token_id": ("<s>", "[CLS]"), "eos_token_id": ("</s>", "[SEP]"),
+                   "unk_token_id": ("<unk>", "[UNK]"), "pad_token_id": ("<pad>", "[PAD]"),
+                   "mask_token_id": ("<mask>", "[MASK]")}
+
+
+def special_token_ids(config, tokenizer: Tokenizer) -> dict[str, int]:
+    """A new model's special-token ids, taken from its tokenizer (a preset's defaults belong
+    to another vocabulary); only for the fields the config has."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    found = {}
+    for field, tokens in _SPECIAL_TOKENS.items():
+        ids = [tokenizer.backend.token_to_id(token) for token in tokens]
+        ids = [i for i in ids if i is not None]
+        if field in fields and ids:
+            found[field] = ids[0]
+    return found
 
 
 def pretraining_head(config, nsp: bool) -> str:

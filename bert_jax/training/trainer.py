@@ -25,13 +25,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bert_jax import sharding
-from bert_jax.data.tokenizer import load_tokenizer
+from bert_jax.data.tokenizer import Tokenizer, load_tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 from bert_jax.training import flops
 from bert_jax.training.checkpointing import TrainCheckpoints
-from bert_jax.training.objectives import export_config, pretraining_head, pretraining_pipeline
+from bert_jax.training.objectives import (
+    export_config,
+    pretraining_head,
+    pretraining_pipeline,
+    special_token_ids,
+)
 from bert_jax.training.optimizer import build_optimizer, learning_rate_schedule
 from bert_jax.training.plots import plot_loss
 from bert_jax.training.recipe import Recipe
@@ -44,9 +49,9 @@ from bert_jax.training.train_step import (
 )
 
 
-def build_model(recipe: Recipe, vocab_size: int):
+def build_model(recipe: Recipe, tokenizer: Tokenizer):
     """(config, params or None): a preset from scratch (with the tokenizer's vocabulary size
-    unless the recipe overrides it), or a checkpoint to continue."""
+    and special-token ids unless the recipe overrides them), or a checkpoint to continue."""
     m = recipe.model
     runtime = dict(dtype=m.dtype, remat=m.remat)
     if (m.preset is None) == (m.init_from is None):
@@ -55,7 +60,9 @@ def build_model(recipe: Recipe, vocab_size: int):
         config = from_pretrained(m.init_from, **runtime).config
         head = pretraining_head(config, recipe.data.nsp)
         return config.with_head(head), from_pretrained(m.init_from, head=head, **runtime).params
-    config = preset(m.preset, **runtime, **{"vocab_size": vocab_size, **m.overrides})
+    tokens = {"vocab_size": tokenizer.backend.get_vocab_size(),
+              **special_token_ids(preset(m.preset), tokenizer)}
+    config = preset(m.preset, **runtime, **{**tokens, **m.overrides})
     return config.with_head(pretraining_head(config, recipe.data.nsp)), None
 
 
@@ -65,7 +72,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     out = Path(recipe.train.output_dir)
     main_process = jax.process_index() == 0
     tokenizer = load_tokenizer(tokenizer_dir)
-    config, init_params = build_model(recipe, tokenizer.backend.get_vocab_size())
+    config, init_params = build_model(recipe, tokenizer)
     mesh = sharding.make_mesh(recipe.mesh)
     sharding.check_batch_size(recipe.data.global_batch_size, mesh)
     optimizer = build_optimizer(recipe.optimizer)
