@@ -188,8 +188,10 @@ def _key(path: str) -> str:
 
 def _tokenizer_identity(tokenizer_dir: Path) -> dict:
     """sha256 of the file the ids come from, so shards can be matched to a model with sha256sum."""
-    name = "tokenizer.json" if (tokenizer_dir / "tokenizer.json").is_file() else "vocab.txt"
-    return {"file": name, "sha256": hashlib.sha256((tokenizer_dir / name).read_bytes()).hexdigest()}
+    candidates = [tokenizer_dir / "tokenizer.json", tokenizer_dir / "vocab.txt",
+                  *sorted(tokenizer_dir.glob("*.model"))]  # load_tokenizer's order
+    path = next(p for p in candidates if p.is_file())
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _check_settings(out: Path, settings: dict) -> None:

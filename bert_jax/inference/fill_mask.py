@@ -7,18 +7,21 @@ lists (one per mask) for a text with several.
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+import functools
 
+import jax
+
+from bert_jax.data.encoding import encode
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
+from bert_jax.inference.batching import run_in_buckets
 from bert_jax.pretrained import PretrainedModel
 
 MLM_HEADS = ("ForMaskedLM", "ForPreTraining")
 
 
 def fill_mask(model: PretrainedModel, tokenizer: Tokenizer, texts: str | list[str],
-              top_k: int = 5):
+              top_k: int = 5, *, batch_size: int = 32):
     """Predictions for every mask token; a single text gives a single result (as the pipeline)."""
     if model.config.head not in MLM_HEADS:
         raise BertJaxError(f"fill-mask needs a masked-LM head, but the model is "
@@ -26,41 +29,43 @@ def fill_mask(model: PretrainedModel, tokenizer: Tokenizer, texts: str | list[st
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise BertJaxError("the tokenizer has no mask token (mask_token in tokenizer_config.json)")
+    if top_k < 1:
+        raise BertJaxError(f"top_k must be at least 1, got {top_k}")
     single = isinstance(texts, str)
-    encoded = [tokenizer.encode(t) for t in ([texts] if single else texts)]
-    for text, ids in zip([texts] if single else texts, encoded):
-        if mask_id not in ids:
+    texts = [texts] if single else list(texts)
+    encodings = [chunks[0] for chunks in encode(tokenizer, texts)]
+    for text, e in zip(texts, encodings):
+        if mask_id not in e.ids:
             raise BertJaxError(f"no mask token {tokenizer.mask_token} in the input: {text!r}")
 
-    length = max(len(ids) for ids in encoded)
-    input_ids = np.full((len(encoded), length), tokenizer.pad_token_id, np.int32)
-    attention_mask = np.zeros_like(input_ids)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-    out = model(input_ids, attention_mask=attention_mask)
-    logits = out.logits if hasattr(out, "logits") else out.prediction_logits
-    probs = np.asarray(jax.nn.softmax(logits.astype("float32"), axis=-1))
-
+    best = run_in_buckets(model, encodings, functools.partial(_top_k_probs, k=top_k),
+                          batch_size=batch_size)
     results = []
-    for row, ids in enumerate(encoded):
+    for ids, (probs_TK, tokens_TK) in zip((e.ids for e in encodings), best):
         positions = [i for i, token in enumerate(ids) if token == mask_id]
-        per_mask = [_top_k(tokenizer, ids, probs[row, pos], pos, top_k, len(positions) == 1)
-                    for pos in positions]
+        per_mask = [_predictions(tokenizer, ids, probs_TK[pos], tokens_TK[pos], pos,
+                                 len(positions) == 1) for pos in positions]
         results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
     return results[0] if single else results
 
 
-def _top_k(tokenizer, ids, probs_V, position, top_k, single_mask):
-    best = np.argsort(-probs_V, kind="stable")[:top_k]
+@functools.partial(jax.jit, static_argnames="k")
+def _top_k_probs(out, inputs, k):
+    """The k most likely tokens at every position: (probabilities, token ids), each [B, T, k]."""
+    logits = out.logits if hasattr(out, "logits") else out.prediction_logits
+    probs = jax.nn.softmax(logits.astype("float32"), axis=-1)
+    return jax.lax.top_k(probs, min(k, probs.shape[-1]))
+
+
+def _predictions(tokenizer, ids, probs_K, tokens_K, position, single_mask):
     predictions = []
-    for token in best:
+    for score, token in zip(probs_K.tolist(), tokens_K.tolist()):
         filled = list(ids)
-        filled[position] = int(token)
+        filled[position] = token
         predictions.append({
-            "score": float(probs_V[token]),
-            "token": int(token),
-            "token_str": tokenizer.decode([int(token)]),
+            "score": score,
+            "token": token,
+            "token_str": tokenizer.decode([token]),
             "sequence": tokenizer.decode(filled, skip_special_tokens=single_mask),
         })
     return predictions

@@ -107,6 +107,9 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     metrics, bad_in_a_row = {}, 0
     try:
         with jax.set_mesh(mesh):
+            if eval_fn is not None and start_step == 0:  # the baseline the curve starts from
+                log.write({"step": 0, **evaluate(eval_fn, state.params, recipe, config,
+                                                 tokenizer, batch_sharding)})
             for step in range(start_step, recipe.train.steps):
                 local_batch = next(data)
                 state, step_metrics = step_fn(state, _global(local_batch, batch_sharding))
