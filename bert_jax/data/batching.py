@@ -21,23 +21,32 @@ from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Sequence
+
 import grain
 import numpy as np
+import tokenizers
 
 from bert_jax.data.masking import IGNORE_INDEX
-from bert_jax.data.pipeline import PipelineIterator, _process_slice
+from bert_jax.data.pipeline import PipelineIterator, process_slice
 
 
 @dataclasses.dataclass(frozen=True)
 class Features:
     """Tokenised examples, unpadded: `[T_i]` int32 input_ids and token_type_ids per example,
     and labels: one `[T_i]` int32 array per example (token classification, -100 where not
-    labelled) or one array over examples: `[N]` int32 class ids, `[N]` float32 regression
-    targets or `[N, C]` float32 multi-hot rows."""
+    labelled), one array over examples: `[N]` int32 class ids, `[N]` float32 regression
+    targets or `[N, C]` float32 multi-hot rows, or None (inference)."""
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
-    labels: list[np.ndarray] | np.ndarray
+    labels: list[np.ndarray] | np.ndarray | None = None
+
+    @classmethod
+    def from_encodings(cls, encodings: Sequence[tokenizers.Encoding],
+                       labels: list[np.ndarray] | np.ndarray | None = None) -> Features:
+        return cls([np.array(e.ids, np.int32) for e in encodings],
+                   [np.array(e.type_ids, np.int32) for e in encodings], labels)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -63,6 +72,12 @@ def bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(length for length in lengths if length < max_length) + (max_length,)
 
 
+def bucket(size: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `size`, else `size` itself (an over-long input then
+    reaches the model, which names its limit in the error)."""
+    return next((b for b in buckets if b >= size), size)
+
+
 def batches(features: Features, *, batch_size: int, buckets: tuple[int, ...], pad_id: int,
             seed: int | None = None, num_epochs: int | None = 1, drop_remainder: bool = False,
             process_index: int = 0, process_count: int = 1) -> PipelineIterator:
@@ -77,10 +92,10 @@ def batches(features: Features, *, batch_size: int, buckets: tuple[int, ...], pa
     if max(map(len, features.input_ids)) > max(buckets):
         raise ValueError(f"an example of {max(map(len, features.input_ids))} tokens is longer "
                          f"than the longest bucket, {max(buckets)}")
-    own = _process_slice(batch_size, process_index, process_count)
+    own = process_slice(batch_size, process_index, process_count)
 
     def collate(indices: list[int]) -> dict[str, np.ndarray]:
-        length = min(b for b in buckets if b >= max(len(features.input_ids[i]) for i in indices))
+        length = bucket(max(len(features.input_ids[i]) for i in indices), buckets)
         ids = np.full(batch_size, -1, np.int64)
         ids[:len(indices)] = indices
         return pad_rows(features, ids[own], length, pad_id)
@@ -95,7 +110,8 @@ def batches(features: Features, *, batch_size: int, buckets: tuple[int, ...], pa
 
 def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
              pad_id: int) -> dict[str, np.ndarray]:
-    """The examples `example_ids_B` (-1: a padding row) right-padded to `length`."""
+    """The examples `example_ids_B` (-1: a padding row) right-padded to `length`; labels
+    only when `features` has them."""
     rows = len(example_ids_B)
     out = {"input_ids": np.full((rows, length), pad_id, np.int32),
            "attention_mask": np.zeros((rows, length), np.int32),
@@ -103,7 +119,7 @@ def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
     per_token = isinstance(features.labels, list)
     if per_token:
         out["labels"] = np.full((rows, length), IGNORE_INDEX, np.int32)
-    else:
+    elif features.labels is not None:
         labels = features.labels
         fill = IGNORE_INDEX if np.issubdtype(labels.dtype, np.integer) else 0
         out["labels"] = np.full((rows, *labels.shape[1:]), fill, labels.dtype)
@@ -116,6 +132,6 @@ def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
         out["token_type_ids"][row, :n] = features.token_type_ids[index]
         if per_token:
             out["labels"][row, :n] = features.labels[index]
-        else:
+        elif features.labels is not None:
             out["labels"][row] = features.labels[index]
     return out | {"example_id": np.asarray(example_ids_B, np.int64)}

@@ -15,9 +15,9 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import tokenizers
 
 from bert_jax.data.batching import Features, TaskData
+from bert_jax.data.encoding import encode
 from bert_jax.data.finetune_files import Record, read_table
 from bert_jax.data.tfds_source import read_tfds
 from bert_jax.data.tokenizer import Tokenizer
@@ -116,8 +116,8 @@ def encode_classification(examples: list[TextExample], tokenizer: Tokenizer,
                           max_seq_length: int) -> Features:
     """Token ids of each text (or text pair, truncated longest first as transformers'
     `truncation=True`) and the labels: class ids, multi-hot rows or regression targets."""
-    encodings = truncating(tokenizer, max_seq_length).encode_batch(
-        [e.text if e.text_pair is None else (e.text, e.text_pair) for e in examples])
+    encodings = encode(tokenizer, [e.text for e in examples], [e.text_pair for e in examples],
+                       max_length=max_seq_length)
     ids = {name: i for i, name in enumerate(labels)}
 
     def label_ids(e: TextExample) -> list[int]:
@@ -139,17 +139,7 @@ def encode_classification(examples: list[TextExample], tokenizer: Tokenizer,
             targets[row, label_ids(e)] = 1
     else:
         targets = np.array([label_ids(e)[0] for e in examples], np.int32)
-    return Features([np.array(e.ids, np.int32) for e in encodings],
-                    [np.array(e.type_ids, np.int32) for e in encodings], targets)
-
-
-def truncating(tokenizer: Tokenizer, max_length: int) -> tokenizers.Tokenizer:
-    """A copy of the tokenizer's backend that truncates to `max_length` tokens, longest
-    sequence first (what transformers sets for `truncation=True`), and never pads."""
-    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
-    backend.enable_truncation(max_length, strategy="longest_first")
-    backend.no_padding()
-    return backend
+    return Features.from_encodings(encodings, targets)
 
 
 def _text(record: Record, column: str) -> str:

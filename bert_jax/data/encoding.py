@@ -1,8 +1,8 @@
-"""Encode texts (or text pairs) with truncation and overflowing windows, as `transformers`
-fast tokenizers do with `truncation=..., max_length=..., stride=..., return_overflowing_tokens`.
+"""Encode texts, text pairs or pre-split words with truncation, as `transformers` fast
+tokenizers do with `truncation=..., max_length=..., stride=..., is_split_into_words=...`.
 
-The `tokenizers` backend keeps truncation as mutable state, so each call works on a copy
-configured for it and the shared tokenizer is never changed.
+The `tokenizers` backend keeps truncation and padding as mutable state, so each call works on
+a copy configured for it and the shared tokenizer is never changed.
 """
 
 from __future__ import annotations
@@ -15,32 +15,28 @@ from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 
 
-def encode(tokenizer: Tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
-           max_length: int | None = None, stride: int = 0) -> list[list[tokenizers.Encoding]]:
-    """For each text (and pair): its encodings, unpadded; more than one only when `max_length`
-    cuts it and the rest overflows into windows that overlap by `stride` tokens.
+def encode(tokenizer: Tokenizer, texts: Sequence, pairs: Sequence | None = None, *,
+           max_length: int | None = None, truncation: str = "longest_first", stride: int = 0,
+           is_split_into_words: bool = False) -> list[tokenizers.Encoding]:
+    """One unpadded encoding per text (and pair), cut to `max_length` tokens (None: never).
 
-    With pairs only the second text (e.g. a QA context) is cut ("only_second").
+    pairs: the texts' second sequences (None where a text has none).
+    truncation: the `tokenizers` / `transformers` strategy: "longest_first" (`truncation=True`)
+        or "only_second" (cut only the pair, e.g. a QA context).
+    stride: what is cut stays in each encoding's `overflowing`, as windows of `max_length`
+        tokens that overlap by `stride` tokens.
+    is_split_into_words: texts (and pairs) are lists of words rather than strings.
     """
-    backend = truncating(tokenizer, max_length, stride=stride,
-                         strategy="only_second" if pairs is not None else "longest_first")
-    inputs = list(texts) if pairs is None else list(zip(texts, pairs))
-    try:
-        encodings = backend.encode_batch(inputs)
-    except Exception as err:  # tokenizers raises a bare Exception, e.g. a question too long
-        raise BertJaxError(f"cannot encode the input with max_length={max_length}, "
-                           f"stride={stride}: {err}") from None
-    return [[e, *e.overflowing] for e in encodings]
-
-
-def truncating(tokenizer: Tokenizer, max_length: int | None, *, stride: int = 0,
-               strategy: str = "longest_first") -> tokenizers.Tokenizer:
-    """A copy of the tokenizer's backend that never pads and cuts to `max_length` tokens
-    (None: never), keeping what it cuts as windows overlapping by `stride` tokens."""
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
     backend.no_padding()
     if max_length is None:
         backend.no_truncation()
     else:
-        backend.enable_truncation(max_length, stride=stride, strategy=strategy)
-    return backend
+        backend.enable_truncation(max_length, stride=stride, strategy=truncation)
+    inputs = list(texts) if pairs is None else [
+        text if pair is None else (text, pair) for text, pair in zip(texts, pairs, strict=True)]
+    try:
+        return backend.encode_batch(inputs, is_pretokenized=is_split_into_words)
+    except Exception as err:  # tokenizers raises a bare Exception, e.g. a question too long
+        raise BertJaxError(f"cannot encode the input with max_length={max_length}, "
+                           f"stride={stride}: {err}") from None

@@ -59,7 +59,7 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
     `grain.ReadOptions(num_threads=0)` is faster, as the threads then only contend for the GIL).
     """
     source, num_documents = _open(shards)
-    own = _process_slice(global_batch_size, process_index, process_count)
+    own = process_slice(global_batch_size, process_index, process_count)
 
     def read(item):
         """(epoch, index, [document, NotNext partner]): the I/O, run in grain's read threads."""
@@ -136,7 +136,7 @@ def gpt_bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int,
     previous document. `worker_count` and `read_options` as in `bert_pipeline`.
     """
     source, num_documents = _open(shards)
-    own = _process_slice(global_batch_size, process_index, process_count)
+    own = process_slice(global_batch_size, process_index, process_count)
 
     def tokens(item):
         return {"input_ids": np.concatenate([[bos_id], *decode_document(source[item[1]])],
@@ -179,6 +179,17 @@ def split_example_id(example_id, num_documents: int):
     return epoch, document, example_id & ((1 << _INSTANCE_BITS) - 1)
 
 
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of every global batch (each process runs the global stream)."""
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"process_count={process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    size = global_batch_size // process_count
+    return slice(process_index * size, (process_index + 1) * size)
+
+
 class PipelineIterator:
     """Grain's iterator whose state may go through JSON (as grain's own checkpoint handler and
     `TrainCheckpoints`' record do). The state is the same on every process (each runs the
@@ -218,16 +229,6 @@ def _open(shards):
     if not len(source):
         raise ValueError(f"no documents in the shards {list(shards)}")
     return source, len(source)
-
-
-def _process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"process_count={process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    size = global_batch_size // process_count
-    return slice(process_index * size, (process_index + 1) * size)
 
 
 def _documents(num_documents: int, seed: int, num_epochs: int | None) -> grain.MapDataset:

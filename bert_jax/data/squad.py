@@ -102,11 +102,12 @@ def prepare_features(examples: Sequence[QAExample], tokenizer: Tokenizer, *,
 
     The target is the example's first answer, as run_qa.py trains on.
     """
-    windows = encode(tokenizer, [e.question.lstrip() for e in examples],
-                     [e.context for e in examples], max_length=max_length, stride=doc_stride)
+    encodings = encode(tokenizer, [e.question.lstrip() for e in examples],
+                       [e.context for e in examples], max_length=max_length,
+                       truncation="only_second", stride=doc_stride)
     features = []
-    for index, (example, encodings) in enumerate(zip(examples, windows)):
-        for encoding in encodings:
+    for index, (example, first) in enumerate(zip(examples, encodings)):
+        for encoding in (first, *first.overflowing):
             cls_index = next((i for i, special in enumerate(encoding.special_tokens_mask)
                               if special), 0)
             start, end = _answer_tokens(encoding, example.answers[:1])

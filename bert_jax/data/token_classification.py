@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from bert_jax.data.batching import Features, TaskData
-from bert_jax.data.classification import truncating
+from bert_jax.data.encoding import encode
 from bert_jax.data.finetune_files import Record, TaggedSentence, read_conll, read_table
 from bert_jax.data.masking import IGNORE_INDEX
 from bert_jax.data.tagging import convert_tags
@@ -92,8 +92,8 @@ def encode_token_classification(sentences: list[TaggedSentence], tokenizer: Toke
                                 label_all_tokens: bool = False) -> Features:
     """Sub-token ids of each pre-split sentence (truncated to `max_seq_length`, as
     transformers' `is_split_into_words=True, truncation=True`) and their aligned label ids."""
-    encodings = truncating(tokenizer, max_seq_length).encode_batch(
-        [s.tokens for s in sentences], is_pretokenized=True)
+    encodings = encode(tokenizer, [s.tokens for s in sentences], max_length=max_seq_length,
+                       is_split_into_words=True)
     ids = {name: i for i, name in enumerate(labels)}
     inside = [ids.get("I-" + name[2:], i) if name.startswith("B-") else i
               for i, name in enumerate(labels)]  # B-X -> I-X for later sub-tokens
@@ -112,8 +112,7 @@ def encode_token_classification(sentences: list[TaggedSentence], tokenizer: Toke
                        else inside[word_labels[word]] if label_all_tokens else IGNORE_INDEX)
             previous = word
         aligned.append(np.array(row, np.int32))
-    return Features([np.array(e.ids, np.int32) for e in encodings],
-                    [np.array(e.type_ids, np.int32) for e in encodings], aligned)
+    return Features.from_encodings(encodings, aligned)
 
 
 def _sentences(records: list[Record], token_column: str, tag_column: str) -> list[TaggedSentence]:

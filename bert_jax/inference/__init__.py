@@ -1,1 +1,1 @@
-"""Inference pipelines: fill-mask (more come with the fine-tuning work)."""
+"""Inference pipelines: fill-mask, NER, text classification, QA, embeddings, GPT-BERT generation."""

@@ -17,14 +17,8 @@ import jax
 import numpy as np
 import tokenizers
 
-from bert_jax.data.batching import bucket_lengths
+from bert_jax.data.batching import Features, bucket, bucket_lengths, pad_rows
 from bert_jax.pretrained import PretrainedModel
-
-
-def _bucket(size: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket that holds `size`, else `size` itself (an over-long input then
-    reaches the model, which names its limit in the error)."""
-    return next((b for b in buckets if b >= size), size)
 
 
 def run_in_buckets(model: PretrainedModel, encodings: Sequence[tokenizers.Encoding],
@@ -39,32 +33,21 @@ def run_in_buckets(model: PretrainedModel, encodings: Sequence[tokenizers.Encodi
     """
     lengths = bucket_lengths(model.config.max_length[1])
     row_counts = bucket_lengths(batch_size, smallest=1)
-    with_types = _accepts(type(model.module), "token_type_ids")
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
-    results: list[Any] = [None] * len(encodings)
+    names = ("input_ids", "attention_mask",
+             *(["token_type_ids"] if _accepts(type(model.module), "token_type_ids") else []))
+    features = Features.from_encodings(encodings)
+    order = sorted(range(len(features)), key=lambda i: -len(features.input_ids[i]))
+    results: list[Any] = [None] * len(features)
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
-        rows_padded = rows + rows[-1:] * (_bucket(len(rows), row_counts) - len(rows))
-        length = _bucket(len(encodings[rows[0]].ids), lengths)
-        inputs = pad([encodings[i] for i in rows_padded], length, model.config.pad_token_id)
-        if not with_types:
-            del inputs["token_type_ids"]
+        rows_padded = rows + rows[-1:] * (bucket(len(rows), row_counts) - len(rows))
+        length = bucket(len(features.input_ids[rows[0]]), lengths)
+        padded = pad_rows(features, np.array(rows_padded), length, model.config.pad_token_id)
+        inputs = {name: padded[name] for name in names}
         out = jax.device_get(post(model(**inputs, **forward_kwargs), inputs))
         for slot, i in enumerate(rows):
             results[i] = jax.tree.map(lambda x, slot=slot: x[slot], out)
     return results
-
-
-def pad(encodings: Sequence[tokenizers.Encoding], length: int,
-        pad_id: int) -> dict[str, np.ndarray]:
-    """input_ids / token_type_ids / attention_mask [B, length], right-padded."""
-    ids = np.full((len(encodings), length), pad_id, np.int32)
-    types = np.zeros_like(ids)
-    mask = np.zeros_like(ids)
-    for row, e in enumerate(encodings):
-        n = len(e.ids)
-        ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
 
 @functools.cache

@@ -31,8 +31,7 @@ def embed(model: PretrainedModel, tokenizer: Tokenizer, texts: list[str], poolin
     if isinstance(texts, str):
         raise BertJaxError("embed takes a list of texts")
     base = model.config.head == "Model"
-    encodings = [chunks[0] for chunks in encode(tokenizer, texts,
-                                                max_length=model.config.max_length[1])]
+    encodings = encode(tokenizer, texts, max_length=model.config.max_length[1])
     rows = run_in_buckets(model, encodings,
                           functools.partial(_pool, pooling=pooling, normalize=normalize),
                           batch_size=batch_size, output_hidden_states=not base)

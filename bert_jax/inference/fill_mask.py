@@ -33,7 +33,7 @@ def fill_mask(model: PretrainedModel, tokenizer: Tokenizer, texts: str | list[st
         raise BertJaxError(f"top_k must be at least 1, got {top_k}")
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
-    encodings = [chunks[0] for chunks in encode(tokenizer, texts)]
+    encodings = encode(tokenizer, texts)
     for text, e in zip(texts, encodings):
         if mask_id not in e.ids:
             raise BertJaxError(f"no mask token {tokenizer.mask_token} in the input: {text!r}")

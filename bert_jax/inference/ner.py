@@ -41,7 +41,7 @@ def ner(model: PretrainedModel, tokenizer: Tokenizer, texts: str | list[str],
     texts = [texts] if single else list(texts)
     config = model.config
     labels = config.labels or tuple(f"LABEL_{i}" for i in range(config.num_labels))
-    encodings = [chunks[0] for chunks in encode(tokenizer, texts, max_length=config.max_length[1])]
+    encodings = encode(tokenizer, texts, max_length=config.max_length[1])
     probs = run_in_buckets(model, encodings, _label_probs, batch_size=batch_size)
     results = []
     for text, encoding, probs_TC in zip(texts, encodings, probs):

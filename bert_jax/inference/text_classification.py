@@ -39,10 +39,9 @@ def classify(model: PretrainedModel, tokenizer: Tokenizer, texts: Text | list[Te
     single = isinstance(texts, (str, dict))
     texts = [texts] if single else list(texts)
     firsts, pairs = zip(*(_pair(t) for t in texts)) if texts else ((), ())
-    has_pairs = any(p is not None for p in pairs)
-    if has_pairs and not all(p is not None for p in pairs):
+    if None in pairs and any(p is not None for p in pairs):
         raise BertJaxError("give a text_pair for every text or for none")
-    encodings = [chunks[0] for chunks in encode(tokenizer, firsts, pairs if has_pairs else None)]
+    encodings = encode(tokenizer, firsts, pairs)
     scores = run_in_buckets(model, encodings, functools.partial(_scores, function=function),
                             batch_size=batch_size)
     labels = config.labels or tuple(f"LABEL_{i}" for i in range(config.num_labels))

@@ -1,17 +1,24 @@
 """Evaluation metrics as the field reports them, computed by the libraries it reports them with:
 scikit-learn (accuracy, F1, Matthews correlation), SciPy (Pearson, Spearman) and seqeval
-(entity-level precision, recall and F1), as Hugging Face's `evaluate` glue and seqeval metrics.
+(entity-level precision, recall and F1), as Hugging Face's `evaluate` glue and seqeval metrics;
+SQuAD exact match and F1 with the official evaluation scripts' definitions (no library here
+computes them).
 
 The finetune trainer gathers the eval split's logits and labels (rows with example_id -1
 dropped), then calls, for sequence classification,
 `compute_metrics(metric_names(problem_type, num_labels, glue_task), predictions_from_logits(
-logits, problem_type), labels)`, and for token classification
-`token_classification_metrics(logits.argmax(-1), labels, id2label, scheme=...)`. The first
-name `metric_names` gives is the task's headline figure, to select the best checkpoint.
+logits, problem_type), labels)`, for token classification
+`token_classification_metrics(logits.argmax(-1), labels, id2label, scheme=...)`, and for
+question answering `squad_metrics(examples, squad_predictions(examples, features, ...))`. The
+first name `metric_names` gives is the task's headline figure, to select the best checkpoint.
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 import numpy as np
@@ -21,6 +28,7 @@ import seqeval.scheme
 import sklearn.metrics
 
 from bert_jax.data.masking import IGNORE_INDEX
+from bert_jax.data.squad import QAExample
 from bert_jax.errors import BertJaxError
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -41,6 +49,8 @@ GLUE_METRICS = {
     "rte": ("accuracy",), "wnli": ("accuracy",), "ax": ("matthews_correlation",),
 }
 SEQEVAL_SCHEMES = {"IOB2": seqeval.scheme.IOB2, "BIOES": seqeval.scheme.IOBES}
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
 
 
 def glue_metrics(task: str) -> tuple[str, ...]:
@@ -115,3 +125,60 @@ def token_classification_metrics(predictions_BT: np.ndarray, labels_BT: np.ndarr
     true = [[id2label[i] for i in row[keep]] for row, keep in zip(labels_BT, keep_BT)]
     predicted = [[id2label[i] for i in row[keep]] for row, keep in zip(predictions_BT, keep_BT)]
     return entity_metrics(true, predicted, scheme=scheme, mode=mode)
+
+
+def squad_metrics(examples: Sequence[QAExample],
+                  predictions: Mapping[str, str]) -> dict[str, float]:
+    """{"exact_match", "f1"} in percent and "total"; when some questions are unanswerable,
+    also the official v2.0 split into "HasAns_*" and "NoAns_*" (exact_match, f1, total).
+
+    Answers are compared after the official normalisation (lower case, punctuation and the
+    articles a/an/the removed, whitespace collapsed); F1 is over the bag of normalised words.
+    Each question scores its best match among its gold answers. Unanswerable questions (SQuAD
+    2.0, no gold answers) have the single gold answer "", which only the empty prediction
+    matches (F1 1 when both are empty), as the v2.0 script scores them; the v1.1 script gives
+    the same scores on its data (gold answers that normalise to nothing aside).
+    """
+    missing = [e.id for e in examples if e.id not in predictions]
+    if missing:
+        raise BertJaxError(f"no prediction for {len(missing)} question(s), e.g. {missing[0]!r}")
+    scores = {}
+    for e in examples:
+        golds = [a.text for a in e.answers if _normalize_answer(a.text)] or [""]
+        prediction = predictions[e.id]
+        scores[e.id] = (max(_exact_match(prediction, g) for g in golds),
+                        max(_answer_f1(prediction, g) for g in golds))
+    out = _squad_averages(list(scores.values()))
+    if any(not e.answers for e in examples):
+        for name, has_answer in (("HasAns", True), ("NoAns", False)):
+            part = [scores[e.id] for e in examples if bool(e.answers) == has_answer]
+            if part:
+                out.update({f"{name}_{k}": v for k, v in _squad_averages(part).items()})
+    return out
+
+
+def _normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _exact_match(prediction: str, gold: str) -> float:
+    return float(_normalize_answer(prediction) == _normalize_answer(gold))
+
+
+def _answer_f1(prediction: str, gold: str) -> float:
+    predicted, expected = _normalize_answer(prediction).split(), _normalize_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    same = sum((Counter(predicted) & Counter(expected)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _squad_averages(scores: list[tuple[float, float]]) -> dict[str, float]:
+    n = len(scores)
+    return {"exact_match": 100.0 * sum(s[0] for s in scores) / n if n else 0.0,
+            "f1": 100.0 * sum(s[1] for s in scores) / n if n else 0.0,
+            "total": n}
