@@ -30,7 +30,8 @@ setup(
         "protobuf>=5",
         "scikit-learn>=1.9.1",
         "seqeval==1.2.2",
-        "dp-accounting>=0.6.0",
+        "dp-accounting==0.6.0",
+        "scipy>=1.13",
     ],
     extras_require={
         # GLUE / CoNLL-2003 / SQuAD through tfds.data_source (no TensorFlow needed).

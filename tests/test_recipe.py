@@ -7,16 +7,23 @@ from pathlib import Path
 import pytest
 
 import bert_jax
+from bert_jax.modeling.presets import preset
+from bert_jax.training.objectives import pretraining_head
 from bert_jax.training.recipe import load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["bert-base-cased-phase1.yaml", "bert-base-cased-phase2.yaml",
-                                  "tiny-mlm.yaml"])
+                                  "bert-large-swedish-cased.yaml", "norbert4-base.yaml",
+                                  "ts1-continued.yaml", "tiny-mlm.yaml"])
 def test_shipped_recipes_load(name):
     recipe = load_recipe(CONFIGS / name)
     assert recipe.train.steps == recipe.optimizer.total_steps
+    if recipe.model.preset is not None:  # the model and its objective can be built
+        config = preset(recipe.model.preset, **recipe.model.overrides)
+        assert pretraining_head(config, recipe.data.nsp) in config.HEADS
+        assert recipe.data.max_seq_length <= config.max_length[1]  # (field name, limit)
 
 
 def test_phase1_is_the_published_recipe():

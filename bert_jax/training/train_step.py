@@ -56,46 +56,69 @@ def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> T
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
-def make_train_step(config, optimizer, mesh,
-                    schedule: Callable[[jax.Array], jax.Array] | None = None):
-    """step(state, batch) -> (state, metrics). `batch` holds the model's keyword inputs
-    (labels included) as [B, ...] arrays; the loss is the model's own (as transformers).
-    Call it under `jax.set_mesh(mesh)`, which lets the model keep activations batch-split."""
+def step_key(state: TrainState) -> jax.Array:
+    """This step's key, fold_in(rng, step): a resumed run draws the same randomness."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def model_loss(config) -> Callable[[Any, dict, jax.Array], jax.Array]:
+    """loss(params, batch, dropout_key): the model's own loss on `batch` (as transformers)."""
     module = family_of_config(config).build_module(config)
-    shardings = state_shardings(config, optimizer, mesh)
 
     def loss_fn(params, batch, dropout_key):
         out = module.apply({"params": params}, **batch, deterministic=False,
                            rngs={"dropout": dropout_key})
         return out.loss
 
-    def step(state: TrainState, batch):
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient skips the update (the batch still counts as consumed).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return loss_fn
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        return state.replace(step=state.step + 1,
-                             params=keep_if_finite(params, state.params),
-                             opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
+def apply_gradients(state: TrainState, optimizer, loss, grads,
+                    schedule: Callable[[jax.Array], jax.Array] | None = None):
+    """One optimizer update -> (state, metrics). A non-finite loss or gradient skips the
+    update (the batch still counts as consumed)."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    # One spec for every batch leaf: examples split over data x fsdp, other dims whole.
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
+    if schedule is not None:
+        metrics["learning_rate"] = schedule(state.step)
+    return state.replace(step=state.step + 1,
+                         params=keep_if_finite(params, state.params),
+                         opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
+
+
+def jit_step(step, config, optimizer, mesh):
+    """`step(state, batch)` jitted with the state's shardings, the batch split over
+    data x fsdp (every leaf, other dims whole), and the old state donated."""
+    shardings = state_shardings(config, optimizer, mesh)
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, ndim=1)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def make_train_step(config, optimizer, mesh,
+                    schedule: Callable[[jax.Array], jax.Array] | None = None):
+    """step(state, batch) -> (state, metrics). `batch` holds the model's keyword inputs
+    (labels included) as [B, ...] arrays; the loss is the model's own (as transformers).
+    Call it under `jax.set_mesh(mesh)`, which lets the model keep activations batch-split."""
+    loss_fn = model_loss(config)
+
+    def step(state: TrainState, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key(state))
+        return apply_gradients(state, optimizer, loss, grads, schedule)
+
+    return jit_step(step, config, optimizer, mesh)
+
+
 def make_eval_step(config, mesh):
     """eval(params, batch) -> summed loss / correct / counts (add over batches, then divide):
-    masked-LM loss and accuracy over labelled tokens, NSP accuracy when the head has it."""
+    masked-LM loss and accuracy over labelled tokens (`mlm_*`), NSP accuracy when the head has
+    it, and for GPT-BERT's mixed batches the causal rows apart (`causal_*`)."""
     module = family_of_config(config).build_module(config)
     params_sharding = sharding.param_shardings(
         family_of_config(config).abstract_variables(config)["params"], mesh)
@@ -105,16 +128,25 @@ def make_eval_step(config, mesh):
         logits = getattr(out, "prediction_logits", None)
         logits = out.logits if logits is None else logits
         labels = batch["labels"]
-        valid = labels != -100
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        token_loss = -jnp.take_along_axis(log_probs, jnp.where(valid, labels, 0)[..., None], -1)
-        sums = {"mlm_loss_sum": jnp.sum(jnp.where(valid, token_loss[..., 0], 0.0)),
-                "mlm_correct": jnp.sum(valid & (jnp.argmax(logits, -1) == labels)),
-                "mlm_tokens": jnp.sum(valid)}
+        token_loss = -jnp.take_along_axis(log_probs, jnp.where(labels < 0, 0, labels)[..., None],
+                                          -1)[..., 0]
+        correct = jnp.argmax(logits, -1) == labels
+
+        def sums(name, rows_B):
+            valid = (labels != -100) & rows_B[:, None]
+            return {f"{name}_loss_sum": jnp.sum(jnp.where(valid, token_loss, 0.0)),
+                    f"{name}_correct": jnp.sum(valid & correct), f"{name}_tokens": jnp.sum(valid)}
+
+        causal_rows = batch.get("causal_rows")
+        if causal_rows is None:
+            result = sums("mlm", jnp.ones(labels.shape[:1], bool))
+        else:
+            result = sums("mlm", ~causal_rows) | sums("causal", causal_rows)
         if "next_sentence_label" in batch:
             nsp = jnp.argmax(out.seq_relationship_logits, -1) == batch["next_sentence_label"]
-            sums |= {"nsp_correct": jnp.sum(nsp), "nsp_examples": nsp.size}
-        return sums
+            result |= {"nsp_correct": jnp.sum(nsp), "nsp_examples": nsp.size}
+        return result
 
     return jax.jit(evaluate, in_shardings=(params_sharding, sharding.batch_sharding(mesh, 1)),
                    out_shardings=sharding.replicated(mesh))
