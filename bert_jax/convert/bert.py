@@ -31,39 +31,45 @@ def _norm(hf: str, path: tuple[str, ...]) -> list[Rule]:
 
 
 def rules(config: BertConfig) -> list[Rule]:
-    """One rule per parameter of the task model that `config.architectures` names."""
+    """One rule per parameter of the task model that `config.architectures` names, in the
+    order of transformers' state dict (so shards split where transformers splits them)."""
     head = config.head
     pooled = head in ("Model", "ForPreTraining", "ForNextSentencePrediction",
                       "ForSequenceClassification", "ForMultipleChoice")
     enc, e = ("bert",), ENCODER_PREFIX
+    pre_norm = config.norm_placement == "pre"
     table = [
         Rule(f"{e}embeddings.{name}.weight", enc + ("embeddings", name, "embedding"))
         for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     ]
-    if config.norm_placement == "post":
+    if not pre_norm:
         table += _norm(f"{e}embeddings.LayerNorm", enc + ("embeddings", "norm"))
     for i in range(config.num_hidden_layers):
         hf, layer = f"{e}encoder.layer.{i}.", enc + (f"layer_{i}",)
+        norm = {name: _norm(hf + module, layer + (name,))
+                for name, module in _NORMS[config.norm_placement].items()}
+        table += norm["attention_norm"] if pre_norm else []
         for name in ("query", "key", "value"):
             table += _dense(f"{hf}attention.self.{name}", layer + ("attention", name))
         table += _dense(f"{hf}attention.output.dense", layer + ("attention", "out"), in_axes=2)
+        table += norm["mlp_norm"] if pre_norm else norm["attention_norm"]
         table += _dense(f"{hf}intermediate.dense", layer + ("mlp_in",))
         table += _dense(f"{hf}output.dense", layer + ("mlp_out",))
-        for norm, hf_norm in _NORMS[config.norm_placement].items():
-            table += _norm(hf + hf_norm, layer + (norm,))
-    if config.norm_placement == "pre":
+        table += [] if pre_norm else norm["mlp_norm"]
+    if pre_norm:
         table += _norm(f"{e}encoder.ln", enc + ("final_norm",))
     if pooled:
         table += _dense(f"{e}pooler.dense", enc + ("pooler", "dense"))
 
     if head in ("ForPreTraining", "ForMaskedLM"):
+        if config.tie_word_embeddings:
+            table.append(Rule(_MLM_BIAS, ("mlm", "bias")))
+        else:  # transformers then keeps decoder.bias as the parameter the forward uses
+            table.append(Rule(_DECODER_BIAS, ("mlm", "bias")))
         table += _dense("cls.predictions.transform.dense", ("mlm", "transform"))
         table += _norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
-        if config.tie_word_embeddings:
-            table.append(Rule("cls.predictions.bias", ("mlm", "bias")))
-        else:  # transformers then keeps decoder.bias as the parameter the forward uses
+        if not config.tie_word_embeddings:
             table.append(Rule("cls.predictions.decoder.weight", ("mlm", "decoder", "kernel"), linear()))
-            table.append(Rule("cls.predictions.decoder.bias", ("mlm", "bias")))
     if head in ("ForPreTraining", "ForNextSentencePrediction"):
         table += _dense("cls.seq_relationship", ("nsp", "dense"))
     if head in ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice"):
@@ -102,6 +108,14 @@ def ignorable_keys(config: BertConfig) -> set[str]:
     if config.tie_word_embeddings:
         return {_DECODER_BIAS, "cls.predictions.decoder.weight"}
     return {_MLM_BIAS}
+
+
+def tied_weights(config: BertConfig, stored: set[str]) -> dict[str, str]:
+    """HF keys the model reads from another tensor, {key: source}: the MLM decoder is the word
+    embedding matrix unless `tie_word_embeddings` is false (whatever keys are `stored`)."""
+    if config.tie_word_embeddings and config.head in ("ForPreTraining", "ForMaskedLM"):
+        return {"cls.predictions.decoder.weight": ENCODER_PREFIX + "embeddings.word_embeddings.weight"}
+    return {}
 
 
 def hf_keys_for_save(config: BertConfig, key: str) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from bert_jax.convert.mapping import BIAS, Rule, linear
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
 
-LM_HEADS = ("ForMaskedLM", "ForCausalLM")
+LM_HEADS = ("ForMaskedLM", "ForCausalLM", "ForPreTraining")
 _EMBEDDING, _OUTPUT_EMBEDDING = "embedding.word_embedding.weight", "classifier.emb2vocab.weight"
 
 
@@ -72,6 +72,14 @@ def ignorable_keys(config: GptBertConfig) -> set[str]:
     if config.head in LM_HEADS:
         return set()
     return {f"classifier.emb2vocab.{name}" for name in ("weight", "bias", "scale")}
+
+
+def tied_weights(config: GptBertConfig, stored: set[str]) -> dict[str, str]:
+    """HF keys the model reads from another tensor, {key: source}: the LM output embedding,
+    when a checkpoint does not store it (see `canonical_state_dict`)."""
+    if config.head in LM_HEADS and _OUTPUT_EMBEDDING not in stored:
+        return {_OUTPUT_EMBEDDING: _EMBEDDING}
+    return {}
 
 
 def hf_keys_for_save(config: GptBertConfig, key: str) -> tuple[str, ...]:

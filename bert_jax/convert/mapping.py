@@ -2,7 +2,9 @@
 
 A table is a list of `Rule`s, one per parameter: the HF key, the param path, and the
 transform between the two layouts. Both directions are exact (transposes and reshapes only),
-so HF -> bert_jax -> HF is bit-identical.
+so HF -> bert_jax -> HF is bit-identical. Transforms take NumPy or JAX arrays and keep the
+kind; the transposes of large kernels are most of the work of converting a checkpoint, so
+`transpose` does them the fast way for each.
 """
 
 from __future__ import annotations
@@ -11,28 +13,47 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.errors import BertJaxError
 
+Shape = tuple[int, ...]
+_BAND = 256  # rows per block of a NumPy transpose
+
+
+def transpose(x):
+    """`x.T` (2-D), materialised C-contiguous: by XLA for a JAX array; for a NumPy array a
+    band of rows at a time, which stays in cache (about 2x NumPy's plain strided copy)."""
+    if isinstance(x, jax.Array):
+        return x.T
+    out = np.empty(x.shape[::-1], x.dtype)
+    for start in range(0, x.shape[0], _BAND):
+        out[:, start:start + _BAND] = x[start:start + _BAND].T
+    return out
+
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    to_jax: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    to_jax: Callable[[Any, Shape], Any]  # HF tensor, param shape -> param
+    to_hf: Callable[[Any], Any]  # param -> HF tensor
+    hf_shape: Callable[[Shape], Shape]  # param shape -> HF tensor shape
 
 
 # Embeddings and LayerNorm params: the same array.
-IDENTITY = Transform(lambda w, shape: w, lambda p: p)
+IDENTITY = Transform(lambda w, shape: w, lambda p: p, lambda shape: shape)
 # Biases: a vector in HF, maybe split into [heads, head_dim] here.
-BIAS = Transform(lambda w, shape: w.reshape(shape), lambda p: p.reshape(-1))
+BIAS = Transform(lambda w, shape: w.reshape(shape), lambda p: p.reshape(-1),
+                 lambda shape: (math.prod(shape),))
 
 
 def linear(in_axes: int = 1) -> Transform:
     """torch Linear weight [out, in] <-> kernel [*in_dims, *out_dims] (`in_axes` input dims)."""
     return Transform(
-        lambda w, shape: w.T.reshape(shape),
-        lambda k: k.reshape(math.prod(k.shape[:in_axes]), -1).T,
+        lambda w, shape: transpose(w).reshape(shape),
+        lambda k: transpose(k.reshape(math.prod(k.shape[:in_axes]), -1)),
+        lambda shape: (math.prod(shape[in_axes:]), math.prod(shape[:in_axes])),
     )
 
 
@@ -43,40 +64,39 @@ class Rule:
     transform: Transform = IDENTITY
 
 
-def params_from_state_dict(rules: list[Rule], state_dict: dict[str, np.ndarray],
-                           shapes: dict[tuple[str, ...], tuple[int, ...]], source: str,
-                           param_dtype) -> tuple[dict[tuple[str, ...], np.ndarray], list[Rule]]:
+def params_from_state_dict(
+        rules: list[Rule], state_dict: dict[str, np.ndarray], shapes: dict[tuple[str, ...], Shape],
+        source: str, param_dtype, array: Callable = np.asarray,
+) -> tuple[dict[tuple[str, ...], Any], list[Rule]]:
     """Flat params for every rule whose key is in `state_dict`, and the rules left missing.
 
-    `shapes` are the param shapes the config implies; a tensor that does not fit is an error
-    naming the key, both shapes and the file.
+    `array` (np.asarray or jnp.asarray) makes each tensor the kind of array the params are,
+    before its transform runs. `shapes` are the param shapes the config implies; a tensor
+    that does not fit is an error naming the key, both shapes and the file.
     """
     params, missing = {}, []
     for rule in rules:
         if rule.hf_key not in state_dict:
             missing.append(rule)
             continue
-        tensor = np.asarray(state_dict[rule.hf_key])
-        expected = _hf_shape(rule, shapes[rule.path])
+        tensor = state_dict[rule.hf_key]
+        expected = hf_shape(rule, shapes[rule.path])
         if tensor.shape != expected:
             raise BertJaxError(f"{source}: tensor {rule.hf_key!r} has shape {tensor.shape}, "
                                f"but config.json implies {expected}")
-        value = rule.transform.to_jax(tensor, shapes[rule.path])
-        params[rule.path] = value.astype(param_dtype)
+        value = rule.transform.to_jax(array(tensor), shapes[rule.path])
+        params[rule.path] = array(value, dtype=param_dtype)  # no copy where no cast is due
     return params, missing
 
 
-def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return rule.transform.to_hf(np.empty(shape, np.uint8)).shape
+def hf_shape(rule: Rule, shape: Shape) -> Shape:
+    """The shape of the HF tensor behind a param of `shape`."""
+    return rule.transform.hf_shape(shape)
 
 
 def state_dict_from_params(rules: list[Rule], flat_params: dict[tuple[str, ...], Any],
                            dtype=None) -> dict[str, np.ndarray]:
-    """HF tensors (C-contiguous, optionally cast to `dtype`) for every rule."""
-    out = {}
-    for rule in rules:
-        value = rule.transform.to_hf(np.asarray(flat_params[rule.path]))
-        if dtype is not None:
-            value = value.astype(dtype)
-        out[rule.hf_key] = np.ascontiguousarray(value)
-    return out
+    """HF tensors (C-contiguous NumPy arrays, optionally cast to `dtype`) for every rule."""
+    return {rule.hf_key: np.ascontiguousarray(rule.transform.to_hf(flat_params[rule.path]),
+                                              dtype=dtype)
+            for rule in rules}

@@ -2,19 +2,27 @@
 
 Read: `model.safetensors`, sharded `model.safetensors.index.json`, and `pytorch_model.bin`
 (sharded or not) through `torch.load(weights_only=True)` only: a pickle is never executed.
-Write: `model.safetensors`, or shards plus an index above `max_shard_bytes`, as
-`transformers.save_pretrained` does.
+Write: `model.safetensors`, or shards plus an index above `max_shard_bytes`, split and indexed
+as `transformers.save_pretrained` does (huggingface_hub's splitter, the same index keys), so
+re-saving a sharded checkpoint reproduces its weight map.
+
+Progress bars (tqdm, stderr) count tensors read and shards written; tqdm hides them when
+stderr is not a terminal, and `delay` keeps them away for models that load in a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from bert_jax.errors import BertJaxError
 from bert_jax.files import read_json
@@ -24,6 +32,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH = "pytorch_model.bin"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH, PYTORCH_INDEX)
+_SHARD_PATTERN = "model{suffix}.safetensors"
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool"}
+
+
+def progress_bar(progress: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr: off unless `progress`, shown only on a terminal and after 1 s."""
+    return tqdm(disable=None if progress else True, delay=1.0, leave=False, **kwargs)
 
 
 def find_weights(model_dir: Path) -> Path | None:
@@ -34,38 +51,81 @@ def find_weights(model_dir: Path) -> Path | None:
     return None
 
 
-def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
+def read_state_dict(model_dir: Path, progress: bool = False) -> dict[str, np.ndarray]:
     """All tensors of an HF directory by key, as NumPy arrays in their stored dtype."""
-    path = find_weights(model_dir)
-    if path is None:
-        raise BertJaxError(f"{model_dir}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+    path, files = _weight_files(model_dir)
+    tensors: dict[str, np.ndarray] = {}
+    with progress_bar(progress, desc=f"reading {path.name}", unit="tensor") as bar:
+        for file in files:
+            tensors.update(_read_file(file, bar))
     if path.name.endswith(".index.json"):
-        weight_map = read_json(path).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise BertJaxError(f"{path}: no 'weight_map' of tensor names to shard files in the index")
-        tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = model_dir / shard
-            if not shard_path.is_file():
-                raise BertJaxError(f"{path}: shard {shard} listed in the index is missing")
-            tensors.update(_read_file(shard_path))
-        missing = sorted(set(weight_map) - set(tensors))
+        missing = sorted(set(read_weight_map(path)) - set(tensors))
         if missing:
             raise BertJaxError(f"{path}: tensor {missing[0]!r} listed in the index is in no shard")
+    return tensors
+
+
+def read_tensor_specs(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, dtype name) of every tensor, from the safetensors headers alone
+    (`pytorch_model.bin` has no header: its tensors are read)."""
+    path, files = _weight_files(model_dir)
+    if path.name.startswith("pytorch_model"):
+        return {k: (v.shape, v.dtype.name) for k, v in read_state_dict(model_dir).items()}
+    specs = {}
+    for file in files:
+        with _open_safetensors(file) as f:
+            for key in f.keys():
+                view = f.get_slice(key)
+                dtype = view.get_dtype()
+                specs[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype))
+    return specs
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a sharded checkpoint's index."""
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BertJaxError(f"{index_path}: no 'weight_map' of tensor names to shard files "
+                           f"in the index")
+    return weight_map
+
+
+def _weight_files(model_dir: Path) -> tuple[Path, list[Path]]:
+    """The weight file (or index) of an HF directory, and the files that hold its tensors."""
+    path = find_weights(model_dir)
+    if path is None:
+        raise BertJaxError(f"{model_dir}: no weights found (expected one of "
+                           f"{', '.join(WEIGHT_FILES)})")
+    if not path.name.endswith(".index.json"):
+        return path, [path]
+    files = [model_dir / shard for shard in sorted(set(read_weight_map(path).values()))]
+    for file in files:
+        if not file.is_file():
+            raise BertJaxError(f"{path}: shard {file.name} listed in the index is missing")
+    return path, files
+
+
+def _read_file(path: Path, bar: tqdm) -> dict[str, np.ndarray]:
+    if path.suffix != ".safetensors":
+        tensors = _read_pytorch(path)
+        bar.update(len(tensors))
         return tensors
-    return _read_file(path)
+    with _open_safetensors(path) as f:
+        keys = list(f.keys())
+        bar.total = (bar.total or 0) + len(keys)
+        tensors = {}
+        for key in keys:
+            tensors[key] = f.get_tensor(key)
+            bar.update()
+        return tensors
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_pytorch(path)
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator:
+    """`safe_open`, with a damaged file reported as such."""
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            yield f
     except (SafetensorError, OSError, ValueError) as err:
         raise BertJaxError(f"{path}: corrupt or truncated safetensors file ({err})") from None
 
@@ -98,25 +158,27 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 
 
 def write_safetensors(model_dir: Path, tensors: dict[str, np.ndarray],
-                      max_shard_bytes: int | None = None) -> None:
-    """Write `tensors` as one file, or as shards with an index when larger than the limit."""
+                      max_shard_bytes: int | None = None, progress: bool = False) -> None:
+    """Write `tensors` as one file, or as shards with an index when larger than the limit.
+
+    Shards follow the order of `tensors` (transformers': module order) and transformers' rules:
+    a new shard starts where the next tensor would exceed the limit, a tensor larger than the
+    limit gets a shard of its own, and one array stored under two keys (a tied alias) counts
+    once and stays with its first key.
+    """
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    total = sum(t.nbytes for t in tensors.values())
-    if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(tensors, str(model_dir / SAFETENSORS), metadata=metadata)
-        return
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += tensor.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(model_dir / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    split = split_state_dict_into_shards_factory(
+        tensors, get_storage_size=lambda t: t.nbytes, get_storage_id=id,
+        filename_pattern=_SHARD_PATTERN,
+        max_shard_size=float("inf") if max_shard_bytes is None else max_shard_bytes)  # inf: one file
+    with progress_bar(progress, desc="writing", total=len(split.filename_to_tensors),
+                      unit="shard") as bar:
+        for name, keys in split.filename_to_tensors.items():
+            save_file({key: tensors[key] for key in keys}, str(model_dir / name), metadata=metadata)
+            bar.update()
+    if split.is_sharded:
+        unique = {id(t): t for t in tensors.values()}.values()
+        index = {"metadata": {"total_parameters": sum(t.size for t in unique), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
+        (model_dir / SAFETENSORS_INDEX).write_text(text, encoding="utf-8")

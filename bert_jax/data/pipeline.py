@@ -58,7 +58,7 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
     (grain's default, 16 threads, suits remote storage; with local files on few cores
     `grain.ReadOptions(num_threads=0)` is faster, as the threads then only contend for the GIL).
     """
-    source, num_documents = _open(shards)
+    source, num_documents = open_shards(shards)
     own = process_slice(global_batch_size, process_index, process_count)
 
     def read(item):
@@ -135,7 +135,7 @@ def gpt_bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int,
     segment's first token is never labelled nor masked, since it would be predicted from the
     previous document. `worker_count` and `read_options` as in `bert_pipeline`.
     """
-    source, num_documents = _open(shards)
+    source, num_documents = open_shards(shards)
     own = process_slice(global_batch_size, process_index, process_count)
 
     def tokens(item):
@@ -224,7 +224,8 @@ class _FlatMap(grain.experimental.FlatMapTransform):
         return self.fn(element)
 
 
-def _open(shards):
+def open_shards(shards):
+    """(random-access source of document records, number of documents)."""
     source = grain.sources.ArrayRecordDataSource(list(shards))
     if not len(source):
         raise ValueError(f"no documents in the shards {list(shards)}")

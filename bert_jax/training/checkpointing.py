@@ -26,9 +26,11 @@ def save_params(config, params, out_dir: str | Path, *, tokenizer_dir: Path | No
                 overwrite: bool = True) -> Path:
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         config.save_json(staging / "config.json")
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save((staging / PARAMS_DIR).absolute(), params)
-            checkpointer.wait_until_finished()
+        # Uncompressed zarr3, for `bert-jax convert`'s speed: on BERT-large (2 cores) zstd
+        # cost ~4 s for ~8% less disk, and the default zarr2 layout ~6 s more disk waits.
+        handler = ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save((staging / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, staging)
     return Path(out_dir)
@@ -43,6 +45,18 @@ def load_params(model_dir: Path, abstract_params):
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise BertJaxError(f"{path}: not a readable bert_jax Orbax checkpoint for this "
                            f"config.json ({err})") from None
+
+
+def params_metadata(model_dir: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """Param path -> (shape, dtype name) as stored, from the checkpoint's metadata alone."""
+    path = (model_dir / PARAMS_DIR).absolute()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(path).item_metadata.tree
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise BertJaxError(f"{path}: not a readable bert_jax Orbax checkpoint ({err})") from None
+    return {tuple(k.key for k in keys): (tuple(leaf.shape), leaf.dtype.name)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 

@@ -1,7 +1,9 @@
-"""Pretraining recipes: a YAML file of sections, overridable with `--set section.key=value`.
+"""Training recipes: a YAML file of sections, overridable with `--set section.key=value`.
 
-Every key is checked against the dataclasses below, so a misspelt key is an error naming it
-rather than a silently ignored setting.
+Every key is checked against the recipe's dataclasses (`Recipe` below for pretraining,
+`finetune.FinetuneRecipe` for fine-tuning), so a misspelt key is an error naming it rather
+than a silently ignored setting. A section typed as a union of dataclasses is the member
+that its `task` key names (each member's `task` default), e.g. the fine-tuning data.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class Recipe:
     train: TrainSection = TrainSection()
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """The recipe in `path` (YAML) with `section.key=value` overrides (values parsed as YAML)."""
+def load_recipe(path: str | Path | None, overrides: list[str] = (), recipe_cls: type = Recipe):
+    """The `recipe_cls` recipe in `path` (YAML) with `section.key=value` overrides (values
+    parsed as YAML)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -82,7 +85,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not sep or not dot:
             raise BertJaxError(f"--set {item!r}: expected section.key=value")
         raw.setdefault(section, {})[field] = yaml.safe_load(value)
-    return _build(Recipe, raw, "recipe")
+    return _build(recipe_cls, raw, "recipe")
 
 
 def _build(cls, raw: dict[str, Any], where: str):
@@ -96,9 +99,12 @@ def _build(cls, raw: dict[str, Any], where: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
-        if dataclasses.is_dataclass(hints[name]):
-            base = dataclasses.asdict(getattr(cls(), name)) if _has_defaults(cls) else {}
-            value = _build(hints[name], {**base, **value}, f"{where}.{name}")
+        section = _section_class(hints[name], value, f"{where}.{name}")
+        if section is not None:
+            default = getattr(cls(), name) if _has_defaults(cls) else None
+            base = dataclasses.asdict(default) if type(default) is section else {}
+            value = _build(section, {**base, **value} if isinstance(value, dict) else value,
+                           f"{where}.{name}")
         elif isinstance(value, str) and float in typing.get_args(hints[name]) + (hints[name],):
             value = _number(value, f"{where}.{name}")  # YAML reads 5e-4 (no dot) as a string
         kwargs[name] = value
@@ -106,6 +112,22 @@ def _build(cls, raw: dict[str, Any], where: str):
         return cls(**kwargs)
     except TypeError as err:
         raise BertJaxError(f"{where}: {err}") from None
+
+
+def _section_class(hint, raw, where: str) -> type | None:
+    """The dataclass a value of type `hint` is built as (None: a plain value)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    members = [m for m in typing.get_args(hint) if dataclasses.is_dataclass(m)]
+    if not members:
+        return None
+    if not isinstance(raw, dict):
+        return members[0]  # whose build names the problem
+    by_task = {m().task: m for m in members}
+    task = raw.get("task", members[0]().task)
+    if task not in by_task:
+        raise BertJaxError(f"{where}.task: {task!r} is not one of {', '.join(by_task)}")
+    return by_task[task]
 
 
 def _number(text: str, where: str) -> float:

@@ -1,0 +1,106 @@
+"""Checkpoint conversion speed: `bert-jax convert` against reading the checkpoint, in one run.
+
+    python -m benchmarks.convert_speed [--model bert-large-cased] [--repeats 3] [--dir DIR]
+
+Builds a random BertForMaskedLM of the preset's shape with transformers (fp32; bert-large-cased
+is a 1.3 GB model.safetensors) in a temporary directory (or --dir), then times in this
+process, best of --repeats: reading every tensor with safetensors (the baseline), and the
+`bert-jax convert` code path HF -> Orbax and Orbax -> HF. Each is timed twice: with the
+source in the page cache ("warm": reading is a memory copy) and with the source's pages
+dropped first ("cold": reading comes from the disk, as for a checkpoint not read since boot).
+Only the benchmark's own files are dropped (posix_fadvise), nothing else on the machine.
+The CPU seconds of the warm runs (all threads) show the work itself where other processes
+share the cores and make wall times noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def evict(path: Path) -> None:
+    """Drop the page-cache pages of a file, or of every file under a directory."""
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def best_time(fn, source: Path, cold: bool, repeats: int) -> tuple[float, float]:
+    """The least wall-clock and the least CPU seconds of `repeats` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        if cold:
+            evict(source)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
+
+
+def build_checkpoint(model: str, out: Path) -> None:
+    import torch
+    import transformers
+
+    from bert_jax.modeling.presets import preset
+
+    config = preset(model)
+    hf_config = getattr(transformers, f"{config.class_prefix}Config")(
+        **{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    torch.manual_seed(0)
+    getattr(transformers, f"{config.class_prefix}ForMaskedLM")(hf_config).save_pretrained(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="bert-large-cased", help="a BERT preset name")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", help="working directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    import jax
+    from safetensors.numpy import load_file
+
+    from bert_jax.convert.tool import convert
+    from bert_jax.convert.weight_files import find_weights, read_state_dict
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        hf, orbax, back = Path(tmp) / "hf", Path(tmp) / "orbax", Path(tmp) / "back"
+        build_checkpoint(args.model, hf)
+        weights = find_weights(hf)
+        convert(hf, orbax)  # the Orbax source for the other direction, and a warm-up
+        steps = (("read all tensors (safetensors)", lambda: load_file(weights), weights),
+                 ("convert HF -> Orbax", lambda: convert(hf, orbax, overwrite=True), weights),
+                 ("convert Orbax -> HF", lambda: convert(orbax, back, overwrite=True), orbax))
+        seconds = {(name, cold): best_time(fn, source, cold, args.repeats)
+                   for cold in (False, True) for name, fn, source in steps}
+        original, written = read_state_dict(hf), read_state_dict(back)
+        identical = original.keys() == written.keys() and all(
+            np.array_equal(original[k], written[k]) for k in original)
+        size = weights.stat().st_size
+
+    print(f"# {args.model} MLM, fp32, {size / 1e9:.2f} GB {weights.name}; best of {args.repeats}; "
+          f"jax {jax.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    print("| step | warm: s | x read | cold: s | x read | warm: CPU s | x read |")
+    print("|---|---|---|---|---|---|---|")
+    read = {cold: seconds[(steps[0][0], cold)] for cold in (False, True)}
+    for name, _, _ in steps:
+        (warm, warm_cpu), (cold, _) = seconds[(name, False)], seconds[(name, True)]
+        print(f"| {name} | {warm:.2f} | {warm / read[False][0]:.2f} | {cold:.2f} | "
+              f"{cold / read[True][0]:.2f} | {warm_cpu:.2f} | {warm_cpu / read[False][1]:.2f} |")
+    print(f"\nHF -> Orbax -> HF bit-identical: {'yes' if identical else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
