@@ -164,3 +164,28 @@ def test_gpt_bert_pretraining(corpus, tmp_path):
                                                                  tokenizer["[MASK]"])
     model = bert_jax.from_pretrained(run / "hf")
     assert model(np.array([[tokenizer["[CLS]"], 7, 8, 9]])).logits.shape == (1, 4, len(tokenizer))
+
+
+@pytest.mark.slow
+def test_private_continued_pretraining(corpus, tmp_path):
+    """DP-SGD continued MLM pretraining from a transformers checkpoint: it completes, logs
+    epsilon as it goes (equal to the accountant's figure for the run's sampling rate), and
+    its export loads in transformers."""
+    from bert_jax.data.private_batches import mlm_examples
+    from bert_jax.training.privacy import epsilon
+
+    vocab = json.loads((corpus / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    source = save_hf_model(make_hf_model("bert", "ForMaskedLM", vocab_size=len(vocab),
+                                         max_position_embeddings=128), tmp_path / "source")
+    run = tmp_path / "private"
+    assert pretrain(corpus, run, 6, f"model.init_from={source}", "model.preset=null",
+                    "data.nsp=false", "train.log_every=2", "dp.clip_norm=1.0",
+                    "dp.delta=1e-5", "dp.noise_multiplier=1.1") == 0
+    records = [r for r in logged(run) if "epsilon" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    examples = len(mlm_examples(read_shards(corpus / "train"), 64, vocab["[CLS]"], vocab["[SEP]"]))
+    for r in records:
+        assert r["epsilon"] == pytest.approx(epsilon(1.1, 16 / examples, r["step"], 1e-5),
+                                             rel=1e-9)
+    assert records[0]["epsilon"] < records[-1]["epsilon"]
+    assert transformers.BertForMaskedLM.from_pretrained(run / "hf").num_parameters() > 0

@@ -61,6 +61,7 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
                checkpoints: TrainCheckpoints, record: Callable[[], dict], log: RunLog,
                throughput: Throughput, evaluate: Callable[[TrainState], dict] | None = None,
                eval_at_start: bool = False, consumed: ExampleIdLog | None = None,
+               logged_with: Callable[[int], dict] | None = None,
                progress: bool = True, desc: str = "train") -> tuple[TrainState, dict, bool]:
     """Train from `state.step` to `settings.steps` -> (state, last logged metrics, whether a
     SIGTERM stopped the run early).
@@ -69,7 +70,8 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
     `step_fn(state, global batch)` -> (state, metrics with "loss" and "skipped");
     `evaluate(state)` -> metrics, run every `eval_every` steps, at the end, and with
     `eval_at_start` before a fresh run's first step; `record()` -> the JSON saved with each
-    checkpoint (e.g. the data iterator's state).
+    checkpoint (e.g. the data iterator's state); `logged_with(step)` -> host-side figures
+    logged with each step's metrics (e.g. DP-SGD's epsilon so far).
     """
     out = checkpoints.directory.parent
     start_step = int(state.step)
@@ -94,7 +96,8 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
                 done = step + 1
                 if done % settings.log_every == 0 or done == settings.steps:
                     metrics = {"step": done, **{k: float(v) for k, v in step_metrics.items()},
-                               **throughput.report()}
+                               **throughput.report(),
+                               **(logged_with(done) if logged_with is not None else {})}
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_second']:,.0f}")
                     log.write(metrics)

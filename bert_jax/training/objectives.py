@@ -5,20 +5,26 @@ BERT / Megatron: masked LM (+ NSP when `data.nsp`), batches from `bert_pipeline`
 GPT-BERT: the hybrid masked-next-token + causal objective (`GptBertForPreTraining`) on packed
 rows from `gpt_bert_pipeline`, exported as `GptBertForMaskedLM` (same weights), which
 NorBERT 4's Hub code loads.
+With a `dp` recipe section, BERT's masked LM is trained with DP-SGD on `private_pipeline`'s
+batches instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
 
+from bert_jax import sharding
 from bert_jax.data.pipeline import PipelineIterator, bert_pipeline, gpt_bert_pipeline
 from bert_jax.data.prepare import read_shards
+from bert_jax.data.private_batches import PrivateBatches, mlm_examples
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.training.privacy import DpPlan
 
 
 # Config fields of special-token ids, and the tokens that fill them (BERT's or NorBERT's).
@@ -78,6 +84,28 @@ def pretraining_pipeline(data, data_dir: str, config, tokenizer: Tokenizer,
                          short_seq_prob=data.short_seq_prob,
                          whole_word_starts_fn=word_starts(tokenizer) if data.whole_word_masking
                          else None)
+
+
+def private_pipeline(data, dp, config, tokenizer: Tokenizer, seed: int, steps: int,
+                     mesh) -> tuple[PrivateBatches, DpPlan]:
+    """DP-SGD's masked-LM batches and the privacy plan they are drawn by (`data.private_batches`):
+    BERT / Megatron without NSP, whose examples would mix documents."""
+    if isinstance(config, GptBertConfig) or data.nsp:
+        raise BertJaxError("dp: DP-SGD pretraining is masked LM on BERT / Megatron models "
+                           "(set data.nsp=false)")
+    ids = {name: tokenizer.backend.token_to_id(token) for name, token in
+           (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))}
+    if None in ids.values() or tokenizer.mask_token_id is None:
+        raise BertJaxError("the tokenizer needs [CLS], [SEP], [PAD] and [MASK] for pretraining")
+    examples = mlm_examples(read_shards(data.train), data.max_seq_length, ids["cls"], ids["sep"])
+    plan = dp.plan(len(examples), data.global_batch_size, steps,
+                   multiple_of=math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES))
+    return PrivateBatches(examples, plan, seed=seed, max_seq_length=data.max_seq_length,
+                          vocab_size=config.vocab_size, pad_id=ids["pad"],
+                          mask_id=tokenizer.mask_token_id, special_ids=tuple(ids.values()),
+                          mlm_probability=data.mlm_probability,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count()), plan
 
 
 def word_starts(tokenizer: Tokenizer):

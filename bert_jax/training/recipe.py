@@ -18,6 +18,7 @@ import yaml
 from bert_jax.errors import BertJaxError
 from bert_jax.sharding import MeshConfig
 from bert_jax.training.optimizer import OptimizerConfig
+from bert_jax.training.privacy import DpConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Recipe:
                                                  total_steps=1000)
     mesh: MeshConfig = MeshConfig()
     train: TrainSection = TrainSection()
+    dp: DpConfig | None = None  # DP-SGD (masked LM only, no NSP): see training/privacy.py
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), recipe_cls: type = Recipe):
@@ -121,8 +123,8 @@ def _section_class(hint, raw, where: str) -> type | None:
     members = [m for m in typing.get_args(hint) if dataclasses.is_dataclass(m)]
     if not members:
         return None
-    if not isinstance(raw, dict):
-        return members[0]  # whose build names the problem
+    if not isinstance(raw, dict) or len(members) == 1:
+        return members[0]  # an optional section, or one whose build names the problem
     by_task = {m().task: m for m in members}
     task = raw.get("task", members[0]().task)
     if task not in by_task:

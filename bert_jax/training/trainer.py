@@ -36,10 +36,12 @@ from bert_jax.training.objectives import (
     export_config,
     pretraining_head,
     pretraining_pipeline,
+    private_pipeline,
     special_token_ids,
 )
 from bert_jax.training.optimizer import build_optimizer, learning_rate_schedule
 from bert_jax.training.plots import plot_loss
+from bert_jax.training.privacy import make_dp_train_step
 from bert_jax.training.recipe import Recipe
 from bert_jax.training.run_log import ExampleIdLog, RunLog
 from bert_jax.training.train_step import create_train_state, make_eval_step, make_train_step
@@ -72,8 +74,17 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     sharding.check_batch_size(recipe.data.global_batch_size, mesh)
     optimizer = build_optimizer(recipe.optimizer)
     schedule = learning_rate_schedule(recipe.optimizer)
-    data = pretraining_pipeline(recipe.data, recipe.data.train, config, tokenizer,
-                                recipe.train.seed)
+    if recipe.dp is None:
+        data = pretraining_pipeline(recipe.data, recipe.data.train, config, tokenizer,
+                                    recipe.train.seed)
+        step_fn, logged_with = make_train_step(config, optimizer, mesh, schedule), None
+    else:
+        data, plan = private_pipeline(recipe.data, recipe.dp, config, tokenizer,
+                                      recipe.train.seed, recipe.train.steps, mesh)
+        step_fn = make_dp_train_step(config, optimizer, mesh, plan, schedule)
+
+        def logged_with(step):  # the guarantee so far, at the recipe's delta
+            return {"epsilon": plan.epsilon(step), "noise_multiplier": plan.noise_multiplier}
 
     checkpoints = TrainCheckpoints(out / "checkpoints", max_to_keep=recipe.train.keep_checkpoints)
     state, record = restore_or_create(
@@ -90,7 +101,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     consumed = ExampleIdLog(out, enabled=t.record_example_ids)
     try:
         state, metrics, preempted = train_loop(
-            state, make_train_step(config, optimizer, mesh, schedule), data,
+            state, step_fn, data,
             settings=LoopSettings(t.steps, t.log_every, t.eval_every, t.save_every,
                                   t.max_bad_steps),
             mesh=mesh, batch_sharding=batch_sharding, checkpoints=checkpoints,
@@ -99,7 +110,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
             evaluate=None if eval_fn is None else lambda s: evaluate(
                 eval_fn, s.params, recipe, config, tokenizer, batch_sharding),
             eval_at_start=True,  # the baseline the curve starts from
-            consumed=consumed, progress=progress, desc="pretrain")
+            consumed=consumed, logged_with=logged_with, progress=progress, desc="pretrain")
     finally:
         checkpoints.close()
         log.close()
