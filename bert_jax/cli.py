@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def cmd_fill_mask(args) -> None:
     from bert_jax.pretrained import from_pretrained
 
     model = from_pretrained(args.model)
-    results = fill_mask(model, load_tokenizer(args.model), args.text, top_k=args.top_k)
+    results = fill_mask(model, load_tokenizer(model.source_dir), args.text, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return
@@ -94,7 +95,7 @@ def cmd_generate(args) -> None:
     from bert_jax.pretrained import from_pretrained
 
     model = causal_model(from_pretrained(args.model))
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(model.source_dir)  # a Hub id resolves to its download
     prompt_ids = tokenizer.encode(args.prompt)
     sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `bert-jax inspect DIR | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     return 0
 
 

@@ -29,9 +29,9 @@ def predict(task: str, model_dir: str | Path, inputs: list[str], *, top_k: int |
                            "per line)")
     if (task == "question-answering") != (context is not None):
         raise BertJaxError("--context is needed by question-answering, and only by it")
-    tokenizer = load_tokenizer(model_dir)
     # Embeddings need the encoder only: loading it alone skips computing any task head.
     model = from_pretrained(model_dir, head="Model" if task == "embeddings" else None)
+    tokenizer = load_tokenizer(model.source_dir)  # a Hub id resolves to its download
     if task == "fill-mask":
         return fill_mask(model, tokenizer, inputs, top_k=5 if top_k is None else top_k,
                          batch_size=batch_size)

@@ -9,13 +9,16 @@ import json
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
 
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool):
-        self._jsonl = (run_dir / "log.jsonl").open("a") if enabled else None
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self._jsonl = self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # imports torch when present: only if used
+
+            self._jsonl = (run_dir / "log.jsonl").open("a")
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, metrics: dict) -> None:
         """`metrics` holds "step" and numbers."""
