@@ -91,7 +91,7 @@ def main() -> None:
         size = weights.stat().st_size
 
     print(f"# {args.model} MLM, fp32, {size / 1e9:.2f} GB {weights.name}; best of {args.repeats}; "
-          f"jax {jax.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+          f"jax {jax.__version__}, {os.cpu_count()} CPUs ({platform.machine()})")
     print("| step | warm: s | x read | cold: s | x read | warm: CPU s | x read |")
     print("|---|---|---|---|---|---|---|")
     read = {cold: seconds[(steps[0][0], cold)] for cold in (False, True)}

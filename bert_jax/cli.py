@@ -175,6 +175,14 @@ def cmd_finetune(args) -> None:
     print(json.dumps(metrics))
 
 
+def cmd_export(args) -> None:
+    from bert_jax.training.export import export_checkpoint
+
+    step = export_checkpoint(args.run_dir, args.out, args.step, format=args.format,
+                             overwrite=args.overwrite)
+    print(f"wrote the {args.format} model of step {step} of {args.run_dir} to {args.out}")
+
+
 def cmd_demo(args) -> None:
     from bert_jax.demo import run_demo
 
@@ -326,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _distributed_arguments(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="export a training checkpoint as a model directory",
+                       description="Write the model of any saved step of a pretrain or "
+                       "finetune run (default: the newest complete one) as the run's own "
+                       "export would be: a Hugging Face directory with the tokenizer, or a "
+                       "bert_jax Orbax directory. Restores onto this machine's devices, "
+                       "whatever mesh trained it.")
+    p.add_argument("run_dir", help="a pretrain or finetune run directory (train.output_dir)")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf",
+                   help="Hugging Face (default) or bert_jax Orbax")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="build a tiny model, convert it both ways and fill a mask",
                        description="End to end on an embedded default: train a tiny WordPiece "

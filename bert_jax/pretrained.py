@@ -18,6 +18,7 @@ from bert_jax.convert import hf_dir
 from bert_jax.convert.weight_files import find_weights, read_state_dict
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
+from bert_jax.files import is_remote, local_copy
 from bert_jax.training import checkpointing
 
 # Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
@@ -69,8 +70,9 @@ class PretrainedModel:
                                    "(attention_mask of 1s then 0s in every row)")
 
     def save_pretrained(self, out_dir: str | Path, *, format: str = "hf",
-                        max_shard_size: int | None = None) -> Path:
-        """Write a Hugging Face directory (default) or an Orbax checkpoint directory."""
+                        max_shard_size: int | None = None):
+        """Write a Hugging Face directory (default) or an Orbax checkpoint directory, local or
+        gs:// (built locally, then uploaded)."""
         if format == "hf":
             return hf_dir.save_hf_dir(self.config, self.params, out_dir,
                                       tokenizer_dir=self.source_dir, max_shard_bytes=max_shard_size)
@@ -87,7 +89,8 @@ class PretrainedModel:
 def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
                     num_labels: int | None = None, seed: int = 0, revision: str | None = None,
                     **runtime: Any) -> PretrainedModel:
-    """Load an HF directory, a bert_jax Orbax directory, or a Hub model id.
+    """Load an HF directory, a bert_jax Orbax directory (either local or gs://, downloaded
+    first), or a Hub model id.
 
     head: another task head than `config.architectures[0]`, e.g. "ForSequenceClassification"
         (missing head weights are initialised from `seed`, as `transformers` does).
@@ -122,6 +125,8 @@ def _abstract_params(config):
 
 
 def _resolve(name_or_path: str | Path, revision: str | None) -> Path:
+    if is_remote(name_or_path):
+        return local_copy(name_or_path)
     path = Path(name_or_path)
     if path.exists():
         return path

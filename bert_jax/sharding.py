@@ -106,8 +106,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_split(mesh: Mesh) -> int:
+    """How many ways a batch's examples are split (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-    split = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    split = batch_split(mesh)
     if global_batch % split:
         raise BertJaxError(f"global batch {global_batch} is not divisible by the data x fsdp "
                            f"mesh axes ({split} ways)")

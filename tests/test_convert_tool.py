@@ -106,7 +106,8 @@ def test_dtype_fp32_from_bf16(tmp_path):
     for key, tensor in original.items():
         assert widened[key].dtype == np.float32, key
         np.testing.assert_array_equal(widened[key], tensor.astype(np.float32), err_msg=key)
-    assert transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "fp32").dtype == torch.float32
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "fp32")
+    assert loaded.dtype == torch.float32
 
 
 # --verify -----------------------------------------------------------------------------------
@@ -189,10 +190,11 @@ def test_inspect_matches_transformers(tmp_path, capsys, model_type):
     assert report.num_parameters == model.num_parameters()
     stored = read_state_dict(tmp_path / "hf")
     state = model.state_dict()
-    assert {row.stored: row.shape for row in report.rows} == {k: tuple(state[k].shape) for k in stored}
+    assert {r.stored: r.shape for r in report.rows} == {k: tuple(state[k].shape) for k in stored}
     assert all(row.dtype == "float32" for row in report.rows)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert report.tied == {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    assert report.tied == {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
     assert not (report.unused or report.newly_initialised or report.problems)
 
     assert main(["inspect", str(tmp_path / "hf")]) == 0
@@ -244,7 +246,8 @@ def test_inspect_gpt_bert_tied_output_embedding(tmp_path):
     assert not inspect_dir(FIXTURE / "masked_lm").tied
     del specs["classifier.emb2vocab.weight"]
     (tmp_path / "tied").mkdir()
-    (tmp_path / "tied" / "config.json").write_text((FIXTURE / "masked_lm" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(
+        (FIXTURE / "masked_lm" / "config.json").read_text())
     save_file(specs, str(tmp_path / "tied" / "model.safetensors"), metadata={"format": "pt"})
     report = inspect_dir(tmp_path / "tied")
     assert report.tied == {"classifier.emb2vocab.weight": "embedding.word_embedding.weight"}

@@ -7,7 +7,7 @@ import numpy as np
 
 from bert_jax.data.pipeline import open_shards
 from bert_jax.data.prepare import read_shards
-from bert_jax.data.private_batches import PrivateBatches, mlm_examples
+from bert_jax.data.private_batches import PrivateBatches, mlm_examples, mlm_rows
 from bert_jax.data.records import decode_document
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.training.privacy import DpConfig
@@ -23,12 +23,14 @@ def setup(corpus, **plan):
     dp_plan = DpConfig(clip_norm=1.0, delta=1e-5, noise_multiplier=1.0, **plan).plan(
         len(examples), batch_size=8, steps=50, multiple_of=4)
 
+    rows = mlm_rows(examples, seed=3, max_seq_length=SEQ,
+                    vocab_size=tokenizer.backend.get_vocab_size(), pad_id=ids["pad"],
+                    mask_id=tokenizer.mask_token_id,
+                    special_ids=(ids["cls"], ids["sep"], ids["pad"]))
+
     def batches(process_index=0, process_count=1):
-        return PrivateBatches(examples, dp_plan, seed=3, max_seq_length=SEQ,
-                              vocab_size=tokenizer.backend.get_vocab_size(), pad_id=ids["pad"],
-                              mask_id=tokenizer.mask_token_id,
-                              special_ids=(ids["cls"], ids["sep"], ids["pad"]),
-                              process_index=process_index, process_count=process_count)
+        return PrivateBatches(dp_plan, rows, seed=3, process_index=process_index,
+                              process_count=process_count)
 
     return examples, dp_plan, batches, ids
 

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import traverse_util
 import flax.linen as nn
 
@@ -109,8 +110,9 @@ def with_declared_dtype(config, dtype: str):
 
 def save_hf_dir(config, params, out_dir: str | Path, *, tokenizer_dir: Path | None = None,
                 max_shard_bytes: int | None = None, overwrite: bool = True,
-                progress: bool = False) -> Path:
-    """Write config.json, safetensors weights and tokenizer files; nothing is left on failure.
+                progress: bool = False) -> epath.Path:
+    """Write config.json, safetensors weights and tokenizer files to `out_dir` (local or gs://);
+    nothing is left on failure.
 
     Weights are stored in the dtype config.json declares (`declared_dtype`) when that is
     fp16/bf16, else fp32, so a round trip is bit-identical.
@@ -121,5 +123,5 @@ def save_hf_dir(config, params, out_dir: str | Path, *, tokenizer_dir: Path | No
         write_safetensors(staging, tensors, max_shard_bytes, progress)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, staging)
-    return Path(out_dir)
+    return epath.Path(out_dir)
 

@@ -19,7 +19,7 @@ import numpy as np
 from bert_jax.convert import hf_dir
 from bert_jax.convert.verify import Verification, verify
 from bert_jax.errors import BertJaxError
-from bert_jax.files import atomic_directory
+from bert_jax.files import atomic_directory, local_copy
 from bert_jax.pretrained import from_pretrained
 from bert_jax.training import checkpointing
 
@@ -57,7 +57,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     verify_output: compare outputs of SRC and the conversion (see `bert_jax.convert.verify`);
         DST is not written if they differ by more than `tolerance`.
     """
-    src, dst = Path(src), Path(dst)
+    src = local_copy(src)  # a gs:// SRC is downloaded; a gs:// DST is uploaded once complete
     source_format = model_format(src)
     target_format = to or ("orbax" if source_format == "hf" else "hf")
     if max_shard_size is not None and target_format != "hf":

@@ -41,7 +41,7 @@ class Verification:
     @property
     def worst(self) -> str:
         """The output closest to (or furthest beyond) its tolerance."""
-        return max(self.diffs, key=lambda name: self.diffs[name] / max(self.tolerances[name], 1e-30))
+        return max(self.diffs, key=lambda k: self.diffs[k] / max(self.tolerances[k], 1e-30))
 
     @property
     def ok(self) -> bool:
@@ -54,9 +54,9 @@ class Verification:
         lines += [f"  {name:<20} max abs diff {diff:<10.3g} tolerance {self.tolerances[name]:.3g}"
                   for name, diff in self.diffs.items()]
         worst = self.worst
-        lines.append(f"{'OK' if self.ok else 'FAILED'}: max abs diff {max(self.diffs.values()):.3g}; "
-                     f"closest to its tolerance: {worst} ({self.diffs[worst]:.3g} of "
-                     f"{self.tolerances[worst]:.3g})")
+        lines.append(f"{'OK' if self.ok else 'FAILED'}: max abs diff "
+                     f"{max(self.diffs.values()):.3g}; closest to its tolerance: {worst} "
+                     f"({self.diffs[worst]:.3g} of {self.tolerances[worst]:.3g})")
         return "\n".join(lines)
 
     def failure(self) -> str:
@@ -135,7 +135,8 @@ def _run_bert_jax(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return _arrays({field.name: getattr(out, field.name) for field in dataclasses.fields(out)})
 
 
-def _run_transformers(model_dir: Path, config, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _run_transformers(model_dir: Path, config,
+                      inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
     import transformers
     from transformers.utils import logging

@@ -170,7 +170,7 @@ def write_safetensors(model_dir: Path, tensors: dict[str, np.ndarray],
     split = split_state_dict_into_shards_factory(
         tensors, get_storage_size=lambda t: t.nbytes, get_storage_id=id,
         filename_pattern=_SHARD_PATTERN,
-        max_shard_size=float("inf") if max_shard_bytes is None else max_shard_bytes)  # inf: one file
+        max_shard_size=float("inf") if max_shard_bytes is None else max_shard_bytes)
     with progress_bar(progress, desc="writing", total=len(split.filename_to_tensors),
                       unit="shard") as bar:
         for name, keys in split.filename_to_tensors.items():

@@ -11,6 +11,10 @@ not die on one bad byte. What makes the request itself wrong is fatal, before an
 written: an input that does not exist, or an out_dir begun with another tokenizer or settings
 (token ids of two vocabularies mixed would spoil training silently).
 
+out_dir may be remote (gs://; the inputs and the tokenizer are local). ArrayRecord writes
+local files only, so there a file's shards are written to a scratch directory and uploaded
+when the file is done, in place of the rename (`bert_jax.files.publish`).
+
     out_dir/
       manifest.json                    shards with counts, totals, tokenizer hash, problems
       shards/<key>-00000.array_record  one record per document (`records.encode_document`)
@@ -37,13 +41,14 @@ from typing import Callable, Iterable, Iterator
 
 import tokenizers
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 from tqdm import tqdm
 
 import bert_jax
 from bert_jax.data.records import encode_document
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.files import read_json
+from bert_jax.files import publish, read_json, scratch_dir
 
 DOC_MODES = ("blank-line", "line")
 _BATCH_DOCUMENTS = 1000  # documents per encode_batch call
@@ -81,7 +86,7 @@ class _Task:
     max_line_chars: int
 
 
-def prepare_corpus(inputs: list[str], out_dir: str | Path, tokenizer_dir: str | Path, *,
+def prepare_corpus(inputs: list[str], out_dir: str | os.PathLike, tokenizer_dir: str | Path, *,
                    doc_mode: str = "blank-line", text_field: str = "text",
                    records_per_shard: int = 50_000, workers: int | None = None,
                    max_line_chars: int = 100_000, progress: bool = True) -> Manifest:
@@ -104,7 +109,7 @@ def prepare_corpus(inputs: list[str], out_dir: str | Path, tokenizer_dir: str | 
         raise BertJaxError(f"doc_mode {doc_mode!r}: expected one of {', '.join(DOC_MODES)}")
     files = _expand(inputs)
     load_tokenizer(tokenizer_dir)  # a bad tokenizer directory fails here, before any output
-    out = Path(out_dir)
+    out = epath.Path(out_dir)
     settings = {"tokenizer": _tokenizer_identity(Path(tokenizer_dir)), "doc_mode": doc_mode,
                 "text_field": text_field, "max_line_chars": max_line_chars}
     _check_settings(out, settings)
@@ -146,14 +151,15 @@ def prepare_corpus(inputs: list[str], out_dir: str | Path, tokenizer_dir: str | 
     return manifest
 
 
-def read_shards(out_dir: str | Path) -> list[str]:
-    """The shard paths listed in out_dir's manifest, checked to exist (for the Grain sources)."""
-    path = Path(out_dir) / "manifest.json"
+def read_shards(out_dir: str | os.PathLike) -> list[str]:
+    """The shard paths listed in out_dir's manifest, checked to exist (for the Grain sources,
+    which read gs:// URLs themselves)."""
+    path = epath.Path(out_dir) / "manifest.json"
     shards = read_json(path).get("shards")
     if not isinstance(shards, list):
         raise BertJaxError(f"{path}: no list of shards (not written by prepare-data?)")
-    paths = [str(Path(out_dir) / shard["path"]) for shard in shards]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    paths = [str(epath.Path(out_dir) / shard["path"]) for shard in shards]
+    missing = [p for p in paths if not epath.Path(p).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise BertJaxError(f"{missing[0]}: shard listed in {path} is missing{more}")
@@ -194,7 +200,7 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict:
     return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _check_settings(out: epath.Path, settings: dict) -> None:
     """Refuse an out_dir begun with another tokenizer or settings: its shards would not match."""
     path = out / "progress" / "settings.json"
     if not path.is_file():
@@ -209,7 +215,8 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 def _done_record(task: _Task) -> dict | None:
     """The file's done-record if it still describes the file and its shards are there."""
-    out, path = Path(task.out_dir), Path(task.out_dir) / "progress" / f"{task.key}.json"
+    out = epath.Path(task.out_dir)
+    path = out / "progress" / f"{task.key}.json"
     if not path.is_file():
         return None
     record, stat = read_json(path), os.stat(task.path)
@@ -269,33 +276,35 @@ def _count_documents_in(counter) -> None:
 
 def _prepare_file(task: _Task) -> dict:
     """Tokenizes one input file into its own shards and commits them with its done-record."""
-    out, stat = Path(task.out_dir), os.stat(task.path)
+    out, stat = epath.Path(task.out_dir), os.stat(task.path)
     (out / "progress" / f"{task.key}.json").unlink(missing_ok=True)
     for leftover in (out / "shards").glob(f"{task.key}-*"):
         leftover.unlink()
     problems = _Problems(task.path)
     shards, writer = [], None
-    try:
-        backend = _backend(task.tokenizer_dir, task.tokenizer_sha256)
-        for documents in _encoded(_documents(task, problems), backend):
-            for document in documents:
-                if writer is None or shards[-1]["documents"] == task.records_per_shard:
-                    if writer is not None:
-                        writer.close()
-                    shards.append({"path": f"shards/{task.key}-{len(shards):05d}.array_record",
-                                   "documents": 0, "sentences": 0, "tokens": 0})
-                    writer = ArrayRecordWriter(str(out / f"{shards[-1]['path']}.tmp"),
-                                               "group_size:1")
-                writer.write(encode_document(document))
-                shards[-1]["documents"] += 1
-                shards[-1]["sentences"] += len(document)
-                shards[-1]["tokens"] += sum(map(len, document))
-            _report_documents(len(documents))
-    finally:
-        if writer is not None:
-            writer.close()
-    for shard in shards:
-        os.replace(out / f"{shard['path']}.tmp", out / shard["path"])
+    with scratch_dir(out) as local:
+        (local / "shards").mkdir(exist_ok=True)
+        try:
+            backend = _backend(task.tokenizer_dir, task.tokenizer_sha256)
+            for documents in _encoded(_documents(task, problems), backend):
+                for document in documents:
+                    if writer is None or shards[-1]["documents"] == task.records_per_shard:
+                        if writer is not None:
+                            writer.close()
+                        shards.append({"path": f"shards/{task.key}-{len(shards):05d}.array_record",
+                                       "documents": 0, "sentences": 0, "tokens": 0})
+                        writer = ArrayRecordWriter(str(local / f"{shards[-1]['path']}.tmp"),
+                                                   "group_size:1")
+                    writer.write(encode_document(document))
+                    shards[-1]["documents"] += 1
+                    shards[-1]["sentences"] += len(document)
+                    shards[-1]["tokens"] += sum(map(len, document))
+                _report_documents(len(documents))
+        finally:
+            if writer is not None:
+                writer.close()
+        for shard in shards:
+            publish(local / f"{shard['path']}.tmp", out / shard["path"])
     if not shards:
         problems.add(None, "empty file, skipped" if stat.st_size == 0 else "no documents, skipped")
     record = {"input": task.path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -414,8 +423,9 @@ class _Problems:
         return self.listed + more
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and a rename: a crash never leaves half a JSON file."""
+def _write_json(path: epath.Path, data: dict) -> None:
+    """Write through a temporary file and a rename (on GCS a copy; an object appears whole):
+    a crash never leaves half a JSON file."""
     tmp = path.with_name(f"{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp.replace(path)

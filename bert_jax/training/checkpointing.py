@@ -3,17 +3,23 @@
 A model checkpoint directory written by bert_jax holds `config.json` (the HF config, so the
 architecture is known without the weights), `params/` (an Orbax checkpoint of the param
 pytree) and the tokenizer files. `bert_jax.from_pretrained` reads it like an HF directory.
+
+Training checkpoints go wherever the run directory is: Orbax writes gs:// itself (TensorStore's
+GCS driver, a commit file instead of a rename), given the URL whole.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bert_jax.errors import BertJaxError
-from bert_jax.files import atomic_directory, copy_tokenizer_files
+from bert_jax.files import atomic_directory, copy_tokenizer_files, is_remote
 
 PARAMS_DIR = "params"
 
@@ -22,8 +28,8 @@ def is_orbax_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_params(config, params, out_dir: str | Path, *, tokenizer_dir: Path | None = None,
-                overwrite: bool = True) -> Path:
+def save_params(config, params, out_dir: str | os.PathLike, *,
+                tokenizer_dir: Path | None = None, overwrite: bool = True) -> epath.Path:
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         config.save_json(staging / "config.json")
         # Uncompressed zarr3, for `bert-jax convert`'s speed: on BERT-large (2 cores) zstd
@@ -33,7 +39,7 @@ def save_params(config, params, out_dir: str | Path, *, tokenizer_dir: Path | No
             checkpointer.save((staging / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, staging)
-    return Path(out_dir)
+    return epath.Path(out_dir)
 
 
 def load_params(model_dir: Path, abstract_params):
@@ -69,10 +75,14 @@ class TrainCheckpoints:
     the last `max_to_keep` steps are kept.
     """
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3,
+                 async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                enable_async_checkpointing=async_save)
-        self.directory = Path(directory).absolute()
+        # Orbax wants local paths absolute (pathlib's absolute() would mangle a gs:// URL).
+        self.directory = epath.Path(directory)
+        if not is_remote(directory):
+            self.directory = self.directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, record: dict) -> None:
@@ -82,6 +92,16 @@ class TrainCheckpoints:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def incomplete_steps(self) -> list[int]:
+        """Steps whose save never finished: the temporary directories a killed run left."""
+        names = ocp.path.step.tmp_checkpoints(self.directory)
+        return sorted(int(re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, name).group(1))
+                      for name in names)
 
     def restore(self, step: int, abstract_state):
         """(state, record) of `step`, placed as `abstract_state`'s shardings say (which may

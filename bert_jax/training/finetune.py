@@ -19,20 +19,21 @@ import dataclasses
 import inspect
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from bert_jax import sharding
 from bert_jax.convert import hf_dir, mapping
 from bert_jax.data.batching import batches, bucket_lengths
+from bert_jax.data.private_batches import PrivateBatches, task_rows
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
-from bert_jax.files import atomic_directory
+from bert_jax.files import atomic_directory, copy_tree
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 from bert_jax.sharding import MeshConfig
 from bert_jax.training.checkpointing import TrainCheckpoints
@@ -45,6 +46,7 @@ from bert_jax.training.loop import (
     train_loop,
 )
 from bert_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
+from bert_jax.training.privacy import DpConfig, make_dp_train_step
 from bert_jax.training.run_log import RunLog
 from bert_jax.training.tasks import ClassificationTask, Outputs, Prepared, TaskSection
 from bert_jax.training.train_step import create_train_state, make_train_step
@@ -113,12 +115,13 @@ class FinetuneRecipe:
     optimizer: FinetuneOptimizer = FinetuneOptimizer()
     mesh: MeshConfig = MeshConfig()
     train: FinetuneTrain = FinetuneTrain()
+    dp: DpConfig | None = None  # DP-SGD fine-tuning: see training/privacy.py
 
 
 def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune as `recipe` says; returns the last logged metrics and the best evaluation."""
     t, task = recipe.train, recipe.data
-    out = Path(t.output_dir)
+    out = epath.Path(t.output_dir)  # local or gs://
     tokenizer_dir, tokenizer, prepared, config, init_params = load_task(recipe)
     mesh = sharding.make_mesh(recipe.mesh)
     eval_batch_size = t.eval_batch_size or t.batch_size
@@ -131,8 +134,22 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     best_metric = _best_metric(t.best_metric, prepared)
     batching = dict(buckets=bucket_lengths(task.max_seq_length), pad_id=tokenizer.pad_token_id,
                     process_index=jax.process_index(), process_count=jax.process_count())
-    data = batches(prepared.train, batch_size=t.batch_size, seed=t.seed, num_epochs=None,
-                   drop_remainder=True, **batching)
+    schedule = learning_rate_schedule(optimizer_config)
+    if recipe.dp is None:
+        data = batches(prepared.train, batch_size=t.batch_size, seed=t.seed, num_epochs=None,
+                       drop_remainder=True, **batching)
+        step_fn, logged_with = make_train_step(config, optimizer, mesh, schedule), None
+    else:  # each step's examples drawn by the privacy plan, padded to one length
+        plan = recipe.dp.plan(len(prepared.train), t.batch_size, steps,
+                              multiple_of=sharding.batch_split(mesh))
+        data = PrivateBatches(plan, task_rows(prepared.train, length=task.max_seq_length,
+                                              pad_id=tokenizer.pad_token_id),
+                              seed=t.seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        step_fn = make_dp_train_step(config, optimizer, mesh, plan, schedule)
+
+        def logged_with(step):  # the guarantee so far, at the recipe's delta
+            return {"epsilon": plan.epsilon(step), "noise_multiplier": plan.noise_multiplier}
 
     checkpoints = TrainCheckpoints(out / "checkpoints", max_to_keep=t.keep_checkpoints)
     state, record = restore_or_create(
@@ -142,7 +159,7 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     if record is not None:
         data.set_state(record["data"])
         best.step, best.value = record["best"]["step"], record["best"]["value"]
-    run_directory(out, recipe)
+    run_directory(out, recipe, config, tokenizer_dir)
 
     inputs = _model_inputs(config, prepared)
     batch_sharding = sharding.batch_sharding(mesh, 1)
@@ -159,15 +176,15 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     log = RunLog(out, enabled=jax.process_index() == 0)
     try:
         state, metrics, preempted = train_loop(
-            state, make_train_step(config, optimizer, mesh, learning_rate_schedule(
-                optimizer_config)), (inputs(batch, "train") for batch in data),
+            state, step_fn, (inputs(batch, "train") for batch in data),
             settings=LoopSettings(steps, t.log_every, eval_every, t.save_every or eval_every,
                                   t.max_bad_steps),
             mesh=mesh, batch_sharding=batch_sharding, checkpoints=checkpoints,
             record=lambda: {"data": data.get_state(), "best": {"step": best.step,
                                                                 "value": best.value}},
             log=log, throughput=Throughput(config, state.params, task.max_seq_length),
-            evaluate=None if prepared.eval is None else evaluate, progress=progress,
+            evaluate=None if prepared.eval is None else evaluate, logged_with=logged_with,
+            progress=progress,
             desc=f"finetune {task.task}")
         if not preempted and best.step is not None:
             metrics = {**metrics, "best_step": best.step, f"best_{best.metric}": best.value}
@@ -180,7 +197,7 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
             _save(config, state.params, tokenizer_dir, out / "hf")
         elif jax.process_index() == 0:
             with atomic_directory(out / "hf") as staging:
-                shutil.copytree(out / "best", staging, dirs_exist_ok=True)
+                copy_tree(out / "best", staging)
     return metrics
 
 
@@ -339,7 +356,7 @@ class _Best:
             self.step, self.value = step, value
 
 
-def _save(config, params, tokenizer_dir: Path, where: Path) -> None:
+def _save(config, params, tokenizer_dir: Path, where: epath.Path) -> None:
     """An HF directory of the (possibly sharded, multi-host) params, written by process 0."""
     params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:

@@ -19,9 +19,11 @@ from typing import Callable
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from bert_jax.errors import BertJaxError
+from bert_jax.files import atomic_directory, copy_tokenizer_files
 from bert_jax.training import flops
 from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.run_log import ExampleIdLog, RunLog
@@ -165,8 +167,13 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_directory(out: Path, recipe) -> None:
-    """Create the run directory and write the recipe there (process 0)."""
+def run_directory(out: epath.Path, recipe, config, tokenizer_dir: Path) -> None:
+    """Create the run directory (local or gs://) and write there (process 0) what
+    `bert-jax export` needs besides the checkpoints: the recipe, the trained model's config
+    (`model_config.json`) and the tokenizer (`tokenizer/`)."""
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+        (out / "model_config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        with atomic_directory(out / "tokenizer") as staging:
+            copy_tokenizer_files(Path(tokenizer_dir), staging)

@@ -12,7 +12,6 @@ batches instead.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from bert_jax import sharding
 from bert_jax.data.pipeline import PipelineIterator, bert_pipeline, gpt_bert_pipeline
 from bert_jax.data.prepare import read_shards
-from bert_jax.data.private_batches import PrivateBatches, mlm_examples
+from bert_jax.data.private_batches import PrivateBatches, mlm_examples, mlm_rows
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
@@ -99,12 +98,12 @@ def private_pipeline(data, dp, config, tokenizer: Tokenizer, seed: int, steps: i
         raise BertJaxError("the tokenizer needs [CLS], [SEP], [PAD] and [MASK] for pretraining")
     examples = mlm_examples(read_shards(data.train), data.max_seq_length, ids["cls"], ids["sep"])
     plan = dp.plan(len(examples), data.global_batch_size, steps,
-                   multiple_of=math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES))
-    return PrivateBatches(examples, plan, seed=seed, max_seq_length=data.max_seq_length,
-                          vocab_size=config.vocab_size, pad_id=ids["pad"],
-                          mask_id=tokenizer.mask_token_id, special_ids=tuple(ids.values()),
-                          mlm_probability=data.mlm_probability,
-                          process_index=jax.process_index(),
+                   multiple_of=sharding.batch_split(mesh))
+    rows = mlm_rows(examples, seed=seed, max_seq_length=data.max_seq_length,
+                    vocab_size=config.vocab_size, pad_id=ids["pad"],
+                    mask_id=tokenizer.mask_token_id, special_ids=tuple(ids.values()),
+                    mlm_probability=data.mlm_probability)
+    return PrivateBatches(plan, rows, seed=seed, process_index=jax.process_index(),
                           process_count=jax.process_count()), plan
 
 

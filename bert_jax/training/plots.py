@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Training loss per logged step, and held-out MLM loss where evaluated."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Training loss per logged step, and held-out MLM loss where evaluated (either path may
+    be remote, gs://)."""
+    records = [json.loads(line) for line in epath.Path(log_path).read_text().splitlines()
+               if line.strip()]
     train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
     held_out = sorted({r["step"]: r["eval_mlm_loss"] for r in records
                        if "eval_mlm_loss" in r}.items())
@@ -27,5 +30,6 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
+    with epath.Path(png_path).open("wb") as file:
+        figure.savefig(file, format="png", dpi=100)
     plt.close(figure)

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from bert_jax import sharding
@@ -67,7 +68,7 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer):
 def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
              progress: bool = True) -> dict:
     """Train as `recipe` says; returns the last logged metrics."""
-    out = Path(recipe.train.output_dir)
+    out = epath.Path(recipe.train.output_dir)  # local or gs://
     tokenizer = load_tokenizer(tokenizer_dir)
     config, init_params = build_model(recipe, tokenizer)
     mesh = sharding.make_mesh(recipe.mesh)
@@ -92,7 +93,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
         lambda: create_train_state(config, optimizer, mesh, recipe.train.seed, init_params))
     if record is not None:
         data.set_state(record["data"])
-    run_directory(out, recipe)
+    run_directory(out, recipe, config, tokenizer_dir)
 
     batch_sharding = sharding.batch_sharding(mesh, 1)
     eval_fn = make_eval_step(config, mesh) if recipe.data.eval else None
