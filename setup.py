@@ -36,6 +36,9 @@ setup(
     extras_require={
         # GLUE / CoNLL-2003 / SQuAD through tfds.data_source (no TensorFlow needed).
         "datasets": ["tensorflow-datasets==4.9.10"],
+        # gs:// run directories and data (etils.epath and Orbax); the tests mock GCS, so these
+        # are not exercised here (launch/ installs this extra on TPU VMs).
+        "gcs": ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"],
         "test": [
             "pytest>=8",
             # The CPU wheel: a looser spec pulls a multi-GB CUDA build.

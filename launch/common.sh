@@ -202,7 +202,7 @@ setup_workers() {
 && { [ -x ~/.local/bin/uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh; } \
 && { [ -x venv/bin/python ] || ~/.local/bin/uv venv --python $PYTHON_VERSION venv; } \
 && ~/.local/bin/uv pip install --python venv/bin/python --reinstall-package bert_jax \
-'jax[tpu]' ./src"
+'jax[tpu]' './src[gcs]'"
 }
 
 # Starts `bert-jax COMMAND --set train.output_dir=RUN_DIR --distributed [--resume]` on every

@@ -277,7 +277,7 @@ def test_supervisor_recreates_a_preempted_slice_and_resumes_the_run(cloud):
     assert sorted(r["worker"] for r in runs) == ["0", "0", "1", "1"]
     assert all(len(r["present"]) == 4 for r in runs), runs
     installs = [u["argv"] for u in _jsonl(cloud.dir / "uv.jsonl") if u["argv"][0] == "pip"]
-    assert len(installs) == 4 and all({"jax[tpu]", "./src"} <= set(a) for a in installs)
+    assert len(installs) == 4 and all({"jax[tpu]", "./src[gcs]"} <= set(a) for a in installs)
 
 
 def test_supervisor_waits_for_a_queued_resource(cloud):
