@@ -145,7 +145,13 @@ def _join_distributed(args) -> None:
         initialize(*explicit)
 
 
-def _distributed_arguments(p: argparse.ArgumentParser) -> None:
+def _training_arguments(p: argparse.ArgumentParser, example: str) -> None:
+    """What `pretrain` and `finetune` share: the recipe, overrides, resuming, multi-host."""
+    p.add_argument("--config", required=True, help=f"a recipe YAML, e.g. {example}")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     group = p.add_argument_group("multi-host", "one process per host, all given the same command")
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-process run found automatically (Cloud TPU VMs, SLURM)")
@@ -311,13 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain as a recipe says (BERT: MLM + NSP; GPT-BERT: masked "
                        "next-token + causal); checkpoints, logs (JSONL, TensorBoard) and an HF "
                        "export land in the recipe's train.output_dir.")
-    p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/tiny-mlm.yaml")
+    _training_arguments(p, "configs/tiny-mlm.yaml")
     p.add_argument("--tokenizer", required=True, help="the tokenizer the data was prepared with")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _distributed_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, "
@@ -327,12 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(data.task). Evaluates every train.eval_every steps, keeps the best "
                        "model, and exports it (HF format, with its labels and tokenizer) to "
                        "train.output_dir/hf.")
-    p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/finetune-sst2.yaml")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _distributed_arguments(p)
+    _training_arguments(p, "configs/finetune-sst2.yaml")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="export a training checkpoint as a model directory",

@@ -100,18 +100,23 @@ def docstrings(limit: int) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """Docstrings split into train/eval text, a WordPiece tokenizer and prepared shards."""
+def prepare_docstrings(root: Path, documents: int, train: int, vocab_size: int) -> Path:
+    """The first `documents` docstrings, `train` of them for training and the rest held out,
+    a WordPiece tokenizer (`root/tok`) and prepared shards (`root/train`, `root/eval`)."""
     from bert_jax.cli import main
 
-    root = tmp_path_factory.mktemp("corpus")
-    docs = docstrings(400)
-    (root / "train.txt").write_text("\n\n".join(docs[:340]) + "\n")
-    (root / "eval.txt").write_text("\n\n".join(docs[340:]) + "\n")
+    docs = docstrings(documents)
+    (root / "train.txt").write_text("\n\n".join(docs[:train]) + "\n")
+    (root / "eval.txt").write_text("\n\n".join(docs[train:]) + "\n")
     assert main(["train-tokenizer", str(root / "train.txt"), "--out", str(root / "tok"),
-                 "--vocab-size", "1000"]) == 0
+                 "--vocab-size", str(vocab_size)]) == 0
     for split in ("train", "eval"):
         assert main(["prepare-data", str(root / f"{split}.txt"), "--out", str(root / split),
                      "--tokenizer", str(root / "tok"), "--workers", "1", "--quiet"]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Docstrings split into train/eval text, a WordPiece tokenizer and prepared shards."""
+    return prepare_docstrings(tmp_path_factory.mktemp("corpus"), 400, 340, 1000)

@@ -9,7 +9,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
-from conftest import docstrings, make_hf_model, save_hf_model, transformers
+from conftest import make_hf_model, prepare_docstrings, save_hf_model, transformers
 
 import bert_jax
 from bert_jax.cli import main
@@ -196,15 +196,7 @@ def test_held_out_masked_loss_falls_by_40_percent(tmp_path):
     """Real text found on the machine (the standard library's docstrings, held out by
     document): configs/tiny-norbert4-mlm.yaml lowers the held-out masked-LM loss by at least
     40% from its step-0 value, and leaves the loss curve as a PNG."""
-    docs = docstrings(2240)
-    (tmp_path / "train.txt").write_text("\n\n".join(docs[:2000]) + "\n")
-    (tmp_path / "eval.txt").write_text("\n\n".join(docs[2000:]) + "\n")
-    assert main(["train-tokenizer", str(tmp_path / "train.txt"), "--out", str(tmp_path / "tok"),
-                 "--vocab-size", "200"]) == 0
-    for split in ("train", "eval"):
-        assert main(["prepare-data", str(tmp_path / f"{split}.txt"), "--out",
-                     str(tmp_path / split), "--tokenizer", str(tmp_path / "tok"), "--workers",
-                     "1", "--quiet"]) == 0
+    prepare_docstrings(tmp_path, 2240, 2000, 200)
     run = tmp_path / "run"
     recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny-norbert4-mlm.yaml"
     args = ["pretrain", "--config", str(recipe), "--tokenizer", str(tmp_path / "tok"), "--quiet"]
