@@ -1,10 +1,12 @@
 """Every attention backend against the reference, and its speed, on the current device.
 
     python -m benchmarks.attention_backends [--batch 8] [--seq 512] [--heads 16] [--head-dim 64]
+                                            [--splash-interpret]
 
 Random q/k/v with right padding (a quarter of each row but the first is padding), alone and
 with causal / sliding-window masks; prints the max abs difference to the reference backend
-over the real query rows, and ms per call (forward).
+over the real query rows, and ms per call (forward). "splash" runs on TPU, and elsewhere in
+Pallas interpret mode (a correctness check, far from its TPU speed) with --splash-interpret.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.forward import timed
+from benchmarks.timing import timed
 from bert_jax.modeling.attention import AttentionMask, attend
 
 
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--splash-interpret", action="store_true",
+                        help="off TPU, also run the splash kernel in interpret mode (slow)")
     args = parser.parse_args()
 
     b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
@@ -37,6 +41,8 @@ def main() -> None:
              "padding+causal": AttentionMask(key_padding_BS=padding, causal=True),
              "padding+window(64,64)": AttentionMask(key_padding_BS=padding, window=(64, 64))}
     backends = ["reference", "jax"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    if jax.default_backend() == "tpu" or args.splash_interpret:
+        backends.append("splash")
     print(f"# attention B={b} T={t} N={n} H={h}, right padding, on {jax.devices()[0].device_kind}")
     print("| mask | dtype | backend | max abs diff vs reference | ms / call |")
     print("|---|---|---|---|---|")

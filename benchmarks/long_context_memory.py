@@ -16,7 +16,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.forward import timed
+from benchmarks.timing import timed
 from bert_jax.modeling import attention
 from bert_jax.modeling.attention import AttentionMask, attend
 

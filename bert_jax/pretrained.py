@@ -19,6 +19,7 @@ from bert_jax.convert.weight_files import find_weights, read_state_dict
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.files import is_remote, local_copy
+from bert_jax.modeling.scan import unscanned, unstack_layers
 from bert_jax.training import checkpointing
 
 # Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
@@ -76,8 +77,9 @@ class PretrainedModel:
         if format == "hf":
             return hf_dir.save_hf_dir(self.config, self.params, out_dir,
                                       tokenizer_dir=self.source_dir, max_shard_bytes=max_shard_size)
-        if format == "orbax":
-            return checkpointing.save_params(self.config, self.params, out_dir,
+        if format == "orbax":  # layers unrolled, as in HF dirs
+            params = unstack_layers(self.params) if self.config.scan_layers else self.params
+            return checkpointing.save_params(self.config, params, out_dir,
                                              tokenizer_dir=self.source_dir)
         raise BertJaxError(f"unknown format {format!r} (expected 'hf' or 'orbax')")
 
@@ -94,7 +96,7 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
 
     head: another task head than `config.architectures[0]`, e.g. "ForSequenceClassification"
         (missing head weights are initialised from `seed`, as `transformers` does).
-    runtime: `dtype`, `param_dtype`, `attention_backend`.
+    runtime: `dtype`, `param_dtype`, `attention_backend`, `remat`, `scan_layers`.
     """
     model_dir = _resolve(name_or_path, revision)
     is_hf, is_orbax = hf_dir.is_hf_dir(model_dir), checkpointing.is_orbax_dir(model_dir)
@@ -109,10 +111,11 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
     if is_hf:
         state_dict, source = read_state_dict(model_dir), str(find_weights(model_dir))
     else:
-        saved = checkpointing.load_params(model_dir, _abstract_params(saved_config))
-        if config == saved_config:
+        stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
+        saved = checkpointing.load_params(model_dir, _abstract_params(stored))
+        if config == stored:
             return PretrainedModel(config, saved, model_dir)
-        state_dict = hf_dir.hf_state_dict(saved_config, saved)
+        state_dict = hf_dir.hf_state_dict(stored, saved)
         source = str(model_dir / checkpointing.PARAMS_DIR)
     return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)
 

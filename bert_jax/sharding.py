@@ -32,6 +32,7 @@ LOGICAL_AXIS_RULES = (
     ("token_types", None),
     ("classes", None),
     ("lambdas", None),
+    ("layers", None),  # the stacked layer axis of scanned params (modeling/scan.py)
     ("length", None),
     ("act_embed", None),
 )

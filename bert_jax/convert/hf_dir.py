@@ -24,6 +24,7 @@ from bert_jax.convert.weight_files import find_weights, read_state_dict, write_s
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of, family_of_config
 from bert_jax.files import atomic_directory, copy_tokenizer_files, read_json
+from bert_jax.modeling.scan import stack_layers, unscanned, unstack_layers
 
 logger = logging.getLogger("bert_jax")
 
@@ -58,8 +59,11 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
     """Params for `config` from HF tensors (any head, see the module docstring).
 
     on_device=False keeps NumPy arrays (views of `state_dict` where no transpose or cast is
-    due), to write them straight to another file.
+    due), to write them straight to another file. With `config.scan_layers` the layers come
+    stacked (modeling/scan.py); files always hold them unrolled.
     """
+    if config.scan_layers:
+        return stack_layers(params_from_hf(unscanned(config), state_dict, source, seed, on_device))
     family = family_of_config(config)
     table = family.mapping
     state_dict = table.canonical_state_dict(state_dict, source)
@@ -83,13 +87,17 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
 
 
 def param_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Param path -> shape of the model `config` describes (nothing is allocated)."""
+    """Param path -> shape of the model `config` describes, layers unrolled as in files
+    (nothing is allocated)."""
+    config = unscanned(config)
     abstract = nn.meta.unbox(family_of_config(config).abstract_variables(config)["params"])
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 
 def hf_state_dict(config, params, dtype=None) -> dict[str, np.ndarray]:
     """The tensors of an HF checkpoint, keyed as `transformers` saves them."""
+    if config.scan_layers:
+        return hf_state_dict(unscanned(config), unstack_layers(params), dtype)
     table = family_of_config(config).mapping
     tensors = mapping.state_dict_from_params(table.rules(config), traverse_util.flatten_dict(params),
                                              dtype)

@@ -4,13 +4,16 @@ A table is a list of `Rule`s, one per parameter: the HF key, the param path, and
 transform between the two layouts. Both directions are exact (transposes and reshapes only),
 so HF -> bert_jax -> HF is bit-identical. Transforms take NumPy or JAX arrays and keep the
 kind; the transposes of large kernels are most of the work of converting a checkpoint, so
-`transpose` does them the fast way for each.
+`transpose` does them the fast way for each, and both directions run the transforms on all
+cores (`_map_parallel`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -31,6 +34,13 @@ def transpose(x):
     for start in range(0, x.shape[0], _BAND):
         out[:, start:start + _BAND] = x[start:start + _BAND].T
     return out
+
+
+def _map_parallel(fn: Callable, items: list) -> list:
+    """`[fn(x) for x in items]` on every core: NumPy releases the GIL in the copies and casts
+    that `fn` does, and XLA dispatch is thread-safe."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(fn, items))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +83,19 @@ def params_from_state_dict(
     before its transform runs. `shapes` are the param shapes the config implies; a tensor
     that does not fit is an error naming the key, both shapes and the file.
     """
-    params, missing = {}, []
-    for rule in rules:
-        if rule.hf_key not in state_dict:
-            missing.append(rule)
-            continue
-        tensor = state_dict[rule.hf_key]
-        expected = hf_shape(rule, shapes[rule.path])
+    present = [rule for rule in rules if rule.hf_key in state_dict]
+    missing = [rule for rule in rules if rule.hf_key not in state_dict]
+    for rule in present:
+        tensor, expected = state_dict[rule.hf_key], hf_shape(rule, shapes[rule.path])
         if tensor.shape != expected:
             raise BertJaxError(f"{source}: tensor {rule.hf_key!r} has shape {tensor.shape}, "
                                f"but config.json implies {expected}")
-        value = rule.transform.to_jax(array(tensor), shapes[rule.path])
-        params[rule.path] = array(value, dtype=param_dtype)  # no copy where no cast is due
-    return params, missing
+
+    def to_param(rule: Rule):
+        value = rule.transform.to_jax(array(state_dict[rule.hf_key]), shapes[rule.path])
+        return array(value, dtype=param_dtype)  # no copy where no cast is due
+
+    return dict(zip((rule.path for rule in present), _map_parallel(to_param, present))), missing
 
 
 def hf_shape(rule: Rule, shape: Shape) -> Shape:
@@ -96,6 +106,7 @@ def hf_shape(rule: Rule, shape: Shape) -> Shape:
 def state_dict_from_params(rules: list[Rule], flat_params: dict[tuple[str, ...], Any],
                            dtype=None) -> dict[str, np.ndarray]:
     """HF tensors (C-contiguous NumPy arrays, optionally cast to `dtype`) for every rule."""
-    return {rule.hf_key: np.ascontiguousarray(rule.transform.to_hf(flat_params[rule.path]),
-                                              dtype=dtype)
-            for rule in rules}
+    def to_hf(rule: Rule) -> np.ndarray:
+        return np.ascontiguousarray(rule.transform.to_hf(flat_params[rule.path]), dtype=dtype)
+
+    return dict(zip((rule.hf_key for rule in rules), _map_parallel(to_hf, rules)))

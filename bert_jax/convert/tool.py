@@ -71,7 +71,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             hf_dir.save_hf_dir(config, params, staging, tokenizer_dir=src,
                                max_shard_bytes=max_shard_size, progress=progress)
         else:
-            checkpointing.save_params(config, _on_host(params, dtype), staging, tokenizer_dir=src)
+            checkpointing.save_params(config, _cast(params, dtype), staging, tokenizer_dir=src)
         verification = verify(src, staging, tolerance=tolerance) if verify_output else None
         if verification is not None and not verification.ok:
             raise BertJaxError(f"{dst}: not written: --verify failed: {verification.failure()}")
@@ -79,14 +79,14 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
 
 def _read(src: Path, source_format: str, progress: bool):
+    """(config, params as NumPy arrays): the transposes to the other layout run fastest in NumPy
+    (`mapping.transpose`), and Orbax writes NumPy arrays about twice as fast as device arrays."""
     if source_format == "hf":
         return hf_dir.load_hf_dir(src, on_device=False, progress=progress)
     model = from_pretrained(src)
-    return model.config, model.params
+    return model.config, jax.tree.map(np.asarray, model.params)
 
 
-def _on_host(params, dtype: str | None):
-    """NumPy views of `params` (Orbax writes them about twice as fast as device arrays),
-    cast to `dtype` ("fp32"/"bf16") when one is given."""
-    return jax.tree.map(lambda x: np.asarray(x if dtype is None else x.astype(DTYPES[dtype])),
-                        params)
+def _cast(params, dtype: str | None):
+    """`params` cast to `dtype` ("fp32"/"bf16"), or as they are when none is given."""
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)

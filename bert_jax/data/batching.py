@@ -11,6 +11,9 @@ As in the pretraining pipelines, each process runs the global stream of batches 
 its slice; the bucket is chosen from the global batch, so all processes pad alike, and the
 iterator's state (`get_state` / `set_state`) is the same on all of them.
 
+`index_batches` is the epoch/shuffle/state logic alone, which `data.packing` shares for its
+packed rows.
+
 The finetune trainer calls `batches(task_data.train, batch_size=..., buckets=bucket_lengths(
 max_seq_length), pad_id=tokenizer.pad_token_id, seed=..., num_epochs=None,
 drop_remainder=True)` to train and the same on `task_data.eval` with no seed, one epoch and
@@ -94,18 +97,30 @@ def batches(features: Features, *, batch_size: int, buckets: tuple[int, ...], pa
                          f"than the longest bucket, {max(buckets)}")
     own = process_slice(batch_size, process_index, process_count)
 
-    def collate(indices: list[int]) -> dict[str, np.ndarray]:
-        length = bucket(max(len(features.input_ids[i]) for i in indices), buckets)
-        ids = np.full(batch_size, -1, np.int64)
-        ids[:len(indices)] = indices
-        return pad_rows(features, ids[own], length, pad_id)
+    def collate(ids_B: np.ndarray) -> dict[str, np.ndarray]:
+        length = bucket(max(len(features.input_ids[i]) for i in ids_B if i >= 0), buckets)
+        return pad_rows(features, ids_B[own], length, pad_id)
 
-    ds = grain.MapDataset.range(len(features))
+    return index_batches(len(features), collate, batch_size=batch_size, seed=seed,
+                         num_epochs=num_epochs, drop_remainder=drop_remainder)
+
+
+def index_batches(count: int, collate, *, batch_size: int, seed: int | None,
+                  num_epochs: int | None, drop_remainder: bool) -> PipelineIterator:
+    """`collate(ids_B)` of every global batch of indices into `count` items (`[B]` int64, -1
+    on the rows that fill up a last partial batch), shuffled by `seed` afresh every epoch."""
+
+    def batch_fn(indices: list[int]) -> dict[str, np.ndarray]:
+        ids_B = np.full(batch_size, -1, np.int64)
+        ids_B[:len(indices)] = indices
+        return collate(ids_B)
+
+    ds = grain.MapDataset.range(count)
     if seed is not None:
         ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs).to_iter_dataset()
     return PipelineIterator(iter(ds.batch(batch_size, drop_remainder=drop_remainder,
-                                          batch_fn=collate)))
+                                          batch_fn=batch_fn)))
 
 
 def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
@@ -120,9 +135,7 @@ def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
     if per_token:
         out["labels"] = np.full((rows, length), IGNORE_INDEX, np.int32)
     elif features.labels is not None:
-        labels = features.labels
-        fill = IGNORE_INDEX if np.issubdtype(labels.dtype, np.integer) else 0
-        out["labels"] = np.full((rows, *labels.shape[1:]), fill, labels.dtype)
+        out["labels"] = empty_labels(features.labels, rows)
     for row, index in enumerate(example_ids_B):
         if index < 0:
             continue
@@ -135,3 +148,10 @@ def pad_rows(features: Features, example_ids_B: np.ndarray, length: int,
         elif features.labels is not None:
             out["labels"][row] = features.labels[index]
     return out | {"example_id": np.asarray(example_ids_B, np.int64)}
+
+
+def empty_labels(labels: np.ndarray, *slots: int) -> np.ndarray:
+    """Per-example label slots `[*slots, ...]` for `labels`' rows, all ignored: -100 for class
+    ids, 0 for floats (which the batch's example ids or cls positions tell apart)."""
+    fill = IGNORE_INDEX if np.issubdtype(labels.dtype, np.integer) else 0
+    return np.full((*slots, *labels.shape[1:]), fill, labels.dtype)

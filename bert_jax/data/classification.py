@@ -48,6 +48,8 @@ class ClassificationData:
     problem_type: str | None = None
     labels: list[str] | None = None  # the label map, in id order
     max_seq_length: int = 128
+    # train on packed rows of max_seq_length (data/packing.py); train.batch_size then counts rows
+    pack: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,8 @@ class TokenClassificationData:
     labels: list[str] | None = None  # the label map, in id order
     label_all_tokens: bool = False
     max_seq_length: int = 128
+    # train on packed rows of max_seq_length (data/packing.py); train.batch_size then counts rows
+    pack: bool = False
 
 
 def load_token_classification(config: TokenClassificationData, tokenizer: Tokenizer) -> TaskData:

@@ -10,6 +10,8 @@ segment ids of packed sequences, causal, a sliding window) and dispatches to a b
 * "cudnn":     `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on GPU
                (bf16/fp16). Padding reaches it as sequence lengths, so it must be on the
                right (the tokenizers' default); causal and windows are native.
+* "splash":    JAX's Pallas splash-attention kernel for TPU (`splash_attention.py`; interpret
+               mode elsewhere). Per-row causal and decoding caches fall back to the reference.
 
 Shapes: B batch, T query length, S key length, N heads, H head dim.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from bert_jax.modeling import splash_attention
 
 # Query rows per block of the blockwise sliding-window reference path (`_blockwise_reference`).
 BLOCK_SIZE = 128
@@ -94,6 +98,10 @@ def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "refer
     """
     if scale is None:
         scale = q_BTNH.shape[-1] ** -0.5
+    if backend == "splash" and splash_attention.supports(mask):
+        return splash_attention.splash_attend(q_BTNH, k_BSNH, v_BSNH, mask, scale)
+    if backend == "splash":  # not expressible in the kernel: the reference, also without dropout
+        backend, dropout_rng = "reference", None
     if backend == "reference" and _use_blockwise(q_BTNH.shape[1], k_BSNH.shape[1], mask):
         return _blockwise_reference(q_BTNH, k_BSNH, v_BSNH, mask, scale, dropout_rate,
                                     dropout_rng)

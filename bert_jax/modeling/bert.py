@@ -14,7 +14,12 @@ import jax.numpy as jnp
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.config import BertConfig
-from bert_jax.modeling.heads import Classifier, MaskedLMHead, Pooler
+from bert_jax.modeling.heads import (
+    Classifier,
+    MaskedLMHead,
+    Pooler,
+    segment_classification_loss,
+)
 from bert_jax.modeling.layers import (
     activation,
     constrain_hidden,
@@ -30,6 +35,7 @@ from bert_jax.modeling.outputs import (
     PreTrainingOutput,
     QuestionAnsweringOutput,
 )
+from bert_jax.modeling.scan import LAYERS, scan_layers
 
 
 class Embeddings(nn.Module):
@@ -101,14 +107,19 @@ class Layer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """Embeddings, the layer stack and (optionally) the pooler: HF `BertModel`."""
+    """Embeddings, the layer stack and (optionally) the pooler: HF `BertModel`.
+
+    Packed rows (`data.packing`) also give `segment_ids` (tokens see their own segment only)
+    and, for the pooler, `cls_positions` `[B, P]` (then `pooler_output` is `[B, P, D]`).
+    """
 
     config: BertConfig
     add_pooling_layer: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False) -> BaseModelOutput:
+                 deterministic: bool = True, output_hidden_states: bool = False,
+                 segment_ids=None, cls_positions=None) -> BaseModelOutput:
         """Inputs are [B, T] integer arrays, named as in `transformers`."""
         c = self.config
         if attention_mask is None:
@@ -117,20 +128,33 @@ class BertModel(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        mask = AttentionMask(key_padding_BS=attention_mask)
+        mask = AttentionMask(key_padding_BS=attention_mask, query_segment_ids_BT=segment_ids,
+                             key_segment_ids_BS=segment_ids)
 
         x_BTD = constrain_hidden(Embeddings(c, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic))
         hidden_states = [x_BTD]
-        layer_cls = remat_layer(Layer, c.remat, static_argnums=(3,))  # deterministic
-        for i in range(c.num_hidden_layers):
-            x_BTD = constrain_hidden(layer_cls(c, name=f"layer_{i}")(x_BTD, mask, deterministic))
-            hidden_states.append(x_BTD)
+        layer_cls = remat_layer(Layer, c.remat, static_argnums=(3,),  # deterministic
+                                scanned=c.scan_layers)
+        if c.scan_layers:
+            def step(layer, x_BTD, mask):
+                x_BTD = constrain_hidden(layer(x_BTD, mask, deterministic))
+                return x_BTD, x_BTD if output_hidden_states else None
+
+            x_BTD, x_LBTD = scan_layers(step, layer_cls(c, name=LAYERS), x_BTD, mask,
+                                        length=c.num_hidden_layers)
+            if output_hidden_states:
+                hidden_states += list(x_LBTD)
+        else:
+            for i in range(c.num_hidden_layers):
+                x_BTD = constrain_hidden(layer_cls(c, name=f"layer_{i}")(x_BTD, mask, deterministic))
+                hidden_states.append(x_BTD)
         if c.norm_placement == "pre":
             x_BTD = layer_norm(c.layer_norm_eps, param_dtype=c.param_dtype,
                                name="final_norm")(x_BTD).astype(c.dtype)
             hidden_states[-1] = x_BTD
-        pooled_BD = Pooler(c, name="pooler")(x_BTD) if self.add_pooling_layer else None
+        pooled_BD = (Pooler(c, name="pooler")(x_BTD, cls_positions) if self.add_pooling_layer
+                     else None)
         return BaseModelOutput(
             last_hidden_state=x_BTD,
             pooler_output=pooled_BD,
@@ -203,34 +227,42 @@ class BertForNextSentencePrediction(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """Single-label, multi-label or regression on the pooled [CLS] vector."""
+    """Single-label, multi-label or regression on the pooled [CLS] vector; on packed rows
+    (`segment_ids`, `cls_positions`) each segment's, logits `[B, P, C]`, labels `[B, P]`."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 labels=None, deterministic=True, output_hidden_states=False, segment_ids=None,
+                 cls_positions=None) -> LogitsOutput:
         c = self.config
         out = BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
-                                        deterministic, output_hidden_states)
+                                        deterministic, output_hidden_states, segment_ids,
+                                        cls_positions)
         logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
             out.pooler_output, deterministic)
         loss = None
-        if labels is not None:
+        if labels is not None and cls_positions is not None:
+            loss = segment_classification_loss(logits, labels, cls_positions, c.problem_type)
+        elif labels is not None:
             loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
         return LogitsOutput(logits, loss, out.hidden_states)
 
 
 class BertForTokenClassification(nn.Module):
+    """Per-token logits; packed rows give `segment_ids` and per-segment `position_ids`."""
+
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 labels=None, deterministic=True, output_hidden_states=False,
+                 segment_ids=None) -> LogitsOutput:
         c = self.config
         out = BertModel(c, add_pooling_layer=False, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-            output_hidden_states)
+            output_hidden_states, segment_ids)
         logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
             out.last_hidden_state, deterministic)
         loss = None if labels is None else losses.cross_entropy(logits, labels)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from bert_jax.errors import BertJaxError
 from bert_jax.files import read_json
 
-ATTENTION_BACKENDS = ("reference", "jax", "cudnn")
+ATTENTION_BACKENDS = ("reference", "jax", "cudnn", "splash")
 # Activation checkpointing of each layer: keep nothing ("full"), keep matmul outputs ("dots").
 REMAT_POLICIES = ("none", "full", "dots")
 _LABEL_KEYS = ("id2label", "label2id", "num_labels")
@@ -28,7 +28,7 @@ class ModelConfig:
 
     HEADS: ClassVar[tuple[str, ...]] = ()
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend",
-                                                 "remat", "extra")
+                                                 "remat", "scan_layers", "extra")
 
     architectures: tuple[str, ...] = ()
     labels: tuple[str, ...] | None = None  # HF id2label, in id order
@@ -39,6 +39,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_backend: str = "reference"
     remat: str = "none"
+    scan_layers: bool = False  # one nn.scan over the layers (modeling/scan.py): faster compiles
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):

@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax.errors import BertJaxError
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.heads import at_positions, segment_classification_loss
 from bert_jax.modeling.layers import constrain_hidden, merge_choices, remat_layer
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
 
@@ -245,6 +247,10 @@ class GptBertModel(nn.Module):
         mask = AttentionMask(key_padding_BS=attention_mask, query_segment_ids_BT=segment_ids,
                              key_segment_ids_BS=segment_ids, causal_rows_B=causal_rows,
                              causal=c.is_causal and causal_rows is None)
+        if c.scan_layers:  # nn.scan needs identical layers, with static windows in the kernels
+            raise BertJaxError("scan_layers=true is not supported for GPT-BERT: its layers differ "
+                               "statically (window and RoPE theta per layer, the first layer is "
+                               "the value-residual source); leave scan_layers false")
         h_BTD, first_value, hidden_states, caches = emb_BTD, None, [emb_BTD], []
         layer_cls = remat_layer(Layer, c.remat, static_argnums=(6,))  # deterministic
         for i in range(c.num_layers):
@@ -396,28 +402,37 @@ class GptBertForCausalLM(_WithEncoder):
 
 
 class GptBertForSequenceClassification(_WithEncoder):
-    """Classifies from position 0 (the `<s>` token)."""
+    """Classifies from position 0 (the `<s>` token); on packed rows (`segment_ids`,
+    `cls_positions`) from each segment's first token, logits `[B, P, C]`, labels `[B, P]`."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 deterministic=True, output_hidden_states=False, segment_ids=None,
+                 cls_positions=None) -> LogitsOutput:
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states)
-        logits = self.classify(out.last_hidden_state[:, 0], c.num_labels, deterministic)
+                          output_hidden_states, segment_ids=segment_ids)
+        h = out.last_hidden_state
+        pooled = h[:, 0] if cls_positions is None else at_positions(h, cls_positions)
+        logits = self.classify(pooled, c.num_labels, deterministic)
         loss = None
-        if labels is not None:
+        if labels is not None and cls_positions is not None:
+            loss = segment_classification_loss(logits, labels, cls_positions, c.problem_type)
+        elif labels is not None:
             loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
         return LogitsOutput(logits, loss, out.hidden_states)
 
 
 class GptBertForTokenClassification(_WithEncoder):
+    """Per-token logits; packed rows give `segment_ids` and per-segment `position_ids`."""
+
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 deterministic=True, output_hidden_states=False,
+                 segment_ids=None) -> LogitsOutput:
         c = self.config
         out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states)
+                          output_hidden_states, segment_ids=segment_ids)
         logits = self.classify(out.last_hidden_state, c.num_labels, deterministic)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states)

@@ -1,10 +1,13 @@
-"""BERT task heads (shared by BERT and Megatron-BERT)."""
+"""BERT task heads (shared by BERT and Megatron-BERT), and what every family's sequence
+classification does on packed rows (`data.packing`): one vector and one loss per segment."""
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from bert_jax.modeling import losses
 from bert_jax.modeling.config import BertConfig
 from bert_jax.modeling.layers import activation, dense, layer_norm
 
@@ -40,16 +43,18 @@ class MaskedLMHead(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(dense(h[:, 0])): the [CLS] summary that NSP and classification read."""
+    """tanh(dense(h[:, 0])): the [CLS] summary that NSP and classification read; on packed
+    rows, that of each segment's [CLS] (`[B, P, D]`)."""
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, cls_positions_BP=None):
         c = self.config
-        x_BD = dense(c.hidden_size, ("embed", "mlp"), std=c.initializer_range, dtype=c.dtype,
-                     param_dtype=c.param_dtype, name="dense")(x_BTD[:, 0])
-        return jnp.tanh(x_BD)
+        x = x_BTD[:, 0] if cls_positions_BP is None else at_positions(x_BTD, cls_positions_BP)
+        x = dense(c.hidden_size, ("embed", "mlp"), std=c.initializer_range, dtype=c.dtype,
+                  param_dtype=c.param_dtype, name="dense")(x)
+        return jnp.tanh(x)
 
 
 class Classifier(nn.Module):
@@ -66,3 +71,24 @@ class Classifier(nn.Module):
         logits = dense(self.num_outputs, ("embed", "classes"), std=c.initializer_range,
                        dtype=c.dtype, param_dtype=c.param_dtype, name="dense")(x)
         return logits.astype(jnp.float32)
+
+
+def at_positions(x_BTD, positions_BP):
+    """`x_BTD[b, positions_BP[b, p]]` as `[B, P, D]` (a position of -1, an empty slot, reads
+    position 0)."""
+    return jnp.take_along_axis(x_BTD, jnp.maximum(positions_BP, 0)[..., None], axis=1)
+
+
+def segment_classification_loss(logits_BPC, labels, cls_positions_BP,
+                                problem_type: str | None) -> jax.Array:
+    """The sequence classification loss of the packed examples (slots with a cls position):
+    the mean of each example's own transformers loss, which is that loss over the same
+    examples unpacked (a mean over examples, or over examples x labels for multi-label)."""
+    valid_N = cls_positions_BP.reshape(-1) >= 0
+    logits_NC = logits_BPC.reshape(valid_N.size, logits_BPC.shape[-1])
+    labels_N = labels.reshape(valid_N.size, *labels.shape[2:])
+    # empty slots get a real label (0), so that no example's loss is 0 / 0 (NaN gradients)
+    labels_N = jnp.where(valid_N.reshape(-1, *[1] * (labels_N.ndim - 1)), labels_N, 0)
+    per_example_N = jax.vmap(lambda logits_C, label: losses.sequence_classification_loss(
+        logits_C[None], label[None], problem_type))(logits_NC, labels_N)
+    return jnp.sum(jnp.where(valid_N, per_example_N, 0.0)) / jnp.sum(valid_N)

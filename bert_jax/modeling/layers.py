@@ -2,8 +2,8 @@
 
 Logical axes used across bert_jax (mapped to mesh axes by the one rules table in
 `bert_jax/sharding.py`): "vocab", "embed" (hidden size), "heads", "kv" (head dim), "mlp"
-(intermediate size), "positions", "token_types", "classes", "lambdas"; on activations
-"batch", "length" and "act_embed".
+(intermediate size), "positions", "token_types", "classes", "lambdas", "layers" (the
+stacked axis of scanned layers); on activations "batch", "length" and "act_embed".
 """
 
 from __future__ import annotations
@@ -43,16 +43,20 @@ def constrain_hidden(x_BTD):
     return x_BTD if spec is None else jax.lax.with_sharding_constraint(x_BTD, spec)
 
 
-def remat_layer(layer_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...]):
+def remat_layer(layer_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...],
+                scanned: bool = False):
     """The layer class with activation checkpointing under `policy` (see config.REMAT_POLICIES).
 
     static_argnums: positions (counting `self` as 0) of Python-valued call arguments.
+    scanned: the layer runs inside `nn.scan`, whose loop already keeps XLA from merging the
+        recomputation into the forward pass, so remat's own CSE barrier is not needed.
     """
     if policy == "none":
         return layer_cls
     saveable = {"full": jax.checkpoint_policies.nothing_saveable,
                 "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
-    return nn.remat(layer_cls, policy=saveable, static_argnums=static_argnums)
+    return nn.remat(layer_cls, policy=saveable, static_argnums=static_argnums,
+                    prevent_cse=not scanned)
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str], *, std: float, dtype, param_dtype,

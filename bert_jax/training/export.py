@@ -44,7 +44,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, step: 
     fine_tuned = "task" in recipe.get("data", {})  # only fine-tuning data sections name a task
     hf_config = read_json(run / "model_config.json")
     config = family_of(hf_config, str(run / "model_config.json")).config_cls.from_hf_dict(
-        hf_config)
+        hf_config, scan_layers=recipe["model"].get("scan_layers", False))  # the params' layout
     optimizer = build_optimizer(_optimizer_config(recipe["optimizer"], fine_tuned))
     checkpoints = TrainCheckpoints(run / "checkpoints")
     try:

@@ -5,6 +5,10 @@ or bert_jax Orbax directory, or a Hub id), the task and its data (`data.task`, s
 the optimizer (AdamW; the schedule's length follows from `train.epochs` or `train.steps`,
 warmup from `warmup_ratio`, as transformers' Trainer), the mesh and the run. Training runs in
 the loop pretraining uses (`loop.train_loop`), on the same sharded train state and step.
+Train batches are padded to buckets (`data.batching`) or, with `data.pack` (classification
+and token classification), packed rows (`data.packing`: `train.batch_size` counts rows, an
+epoch is all of them, the packing efficiency is logged at step 0 and returned); evaluation is
+always one example a row, so its metrics are per example as without packing.
 
 Every `train.eval_every` steps and at the end the eval split is scored (`eval_loss` and the
 task's metrics, padding rows left out); the best model by `train.best_metric` (default: the
@@ -29,6 +33,7 @@ from jax.experimental import multihost_utils
 from bert_jax import sharding
 from bert_jax.convert import hf_dir, mapping
 from bert_jax.data.batching import batches, bucket_lengths
+from bert_jax.data.packing import efficiency, pack, packed_batches
 from bert_jax.data.private_batches import PrivateBatches, task_rows
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
@@ -44,6 +49,7 @@ from bert_jax.training.loop import (
     restore_or_create,
     run_directory,
     train_loop,
+    use_compilation_cache,
 )
 from bert_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 from bert_jax.training.privacy import DpConfig, make_dp_train_step
@@ -62,6 +68,7 @@ class FinetuneModel:
     tokenizer: str | None = None  # a directory with the tokenizer; default: init_from
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False  # one nn.scan over the layers: compile time independent of depth
     # A checkpoint head whose shapes do not fit the task (e.g. another number of labels) is an
     # error, or with this set, re-initialised with a warning (transformers' option of the name).
     ignore_mismatched_sizes: bool = False
@@ -106,6 +113,9 @@ class FinetuneTrain:
     best_metric: str | None = None  # an eval metric, e.g. f1; default: the task's headline
     seed: int = 42
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    # Compiled programs kept across runs (restarts, resumes, the next run of the same shapes)
+    # by JAX's persistent compilation cache; null turns it off. Local or gs://.
+    compilation_cache_dir: str | None = "~/.cache/bert_jax/jax_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,22 +132,28 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     """Fine-tune as `recipe` says; returns the last logged metrics and the best evaluation."""
     t, task = recipe.train, recipe.data
     out = epath.Path(t.output_dir)  # local or gs://
+    use_compilation_cache(t.compilation_cache_dir)
     tokenizer_dir, tokenizer, prepared, config, init_params = load_task(recipe)
     mesh = sharding.make_mesh(recipe.mesh)
     eval_batch_size = t.eval_batch_size or t.batch_size
     sharding.check_batch_size(t.batch_size, mesh)
     sharding.check_batch_size(eval_batch_size, mesh)
-    steps, steps_per_epoch = run_length(t, len(prepared.train))
+    rows, packing = _packed(task, prepared, recipe.dp)
+    steps, steps_per_epoch = run_length(t, len(prepared.train) if rows is None else len(rows),
+                                        "examples" if rows is None else "packed rows")
     eval_every = t.eval_every or steps_per_epoch
     optimizer_config = recipe.optimizer.optimizer_config(steps)
     optimizer = build_optimizer(optimizer_config)
     best_metric = _best_metric(t.best_metric, prepared)
-    batching = dict(buckets=bucket_lengths(task.max_seq_length), pad_id=tokenizer.pad_token_id,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    rows_of = dict(pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+    batching = dict(buckets=bucket_lengths(task.max_seq_length), **rows_of)
     schedule = learning_rate_schedule(optimizer_config)
     if recipe.dp is None:
-        data = batches(prepared.train, batch_size=t.batch_size, seed=t.seed, num_epochs=None,
-                       drop_remainder=True, **batching)
+        train = dict(batch_size=t.batch_size, seed=t.seed, num_epochs=None, drop_remainder=True)
+        data = (batches(prepared.train, **train, **batching) if rows is None else
+                packed_batches(prepared.train, rows, max_length=task.max_seq_length, **train,
+                               **rows_of))
         step_fn, logged_with = make_train_step(config, optimizer, mesh, schedule), None
     else:  # each step's examples drawn by the privacy plan, padded to one length
         plan = recipe.dp.plan(len(prepared.train), t.batch_size, steps,
@@ -174,6 +190,8 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
         return metrics
 
     log = RunLog(out, enabled=jax.process_index() == 0)
+    if packing and record is None:
+        log.write({"step": 0, **packing})
     try:
         state, metrics, preempted = train_loop(
             state, step_fn, (inputs(batch, "train") for batch in data),
@@ -186,6 +204,7 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
             evaluate=None if prepared.eval is None else evaluate, logged_with=logged_with,
             progress=progress,
             desc=f"finetune {task.task}")
+        metrics = {**metrics, **packing}
         if not preempted and best.step is not None:
             metrics = {**metrics, "best_step": best.step, f"best_{best.metric}": best.value}
             log.write({"step": steps, "best_step": best.step, "best_metric": best.value})
@@ -207,7 +226,8 @@ def load_task(recipe: FinetuneRecipe):
     model = recipe.model
     if not model.init_from:
         raise BertJaxError("model.init_from: required (the checkpoint to fine-tune)")
-    pretrained = from_pretrained(model.init_from, dtype=model.dtype, remat=model.remat)
+    pretrained = from_pretrained(model.init_from, dtype=model.dtype, remat=model.remat,
+                                 scan_layers=model.scan_layers)
     tokenizer_dir = Path(model.tokenizer or pretrained.source_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     prepared = _with_checkpoint_labels(recipe.data, pretrained.config).prepare(tokenizer)
@@ -259,11 +279,12 @@ def task_model(pretrained: PretrainedModel, head: str, prepared: Prepared, model
     return config, hf_dir.params_from_hf(config, state_dict, model.init_from, seed)
 
 
-def run_length(train: FinetuneTrain, num_examples: int) -> tuple[int, int]:
+def run_length(train: FinetuneTrain, num_examples: int,
+               unit: str = "examples") -> tuple[int, int]:
     """(steps, steps per epoch): whole batches only, every step the same shape."""
     per_epoch = num_examples // train.batch_size
     if per_epoch == 0:
-        raise BertJaxError(f"data.train: {num_examples} examples, fewer than one batch "
+        raise BertJaxError(f"data.train: {num_examples} {unit}, fewer than one batch "
                            f"(train.batch_size={train.batch_size})")
     steps = train.steps if train.steps is not None else math.ceil(train.epochs * per_epoch)
     if steps < 1:
@@ -302,6 +323,22 @@ def eval_outputs(outputs_step, params, eval_batches, inputs, names: tuple[str, .
                 if index >= 0:
                     rows[name][index] = row
     return rows
+
+
+def _packed(task, prepared: Prepared, dp: DpConfig | None):
+    """(the train examples packed into rows, {"packing_efficiency": real tokens / slots}) with
+    `data.pack`; else (None, {}): the examples are padded by batch."""
+    if not getattr(task, "pack", False):
+        return None, {}
+    if dp is not None:
+        raise BertJaxError("data.pack: DP-SGD draws single examples, not packed rows; set "
+                           "data.pack=false to fine-tune with dp")
+    lengths = [len(ids) for ids in prepared.train.input_ids]
+    rows = pack(lengths, task.max_seq_length)
+    real = efficiency(lengths, rows, task.max_seq_length)
+    logger.info("data.pack: %d examples in %d rows of %d tokens, %.1f%% of them real",
+                len(lengths), len(rows), task.max_seq_length, 100 * real)
+    return rows, {"packing_efficiency": real}
 
 
 def _model_inputs(config, prepared: Prepared):

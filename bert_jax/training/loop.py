@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Callable
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from bert_jax.errors import BertJaxError
@@ -30,6 +32,9 @@ from bert_jax.training.run_log import ExampleIdLog, RunLog
 from bert_jax.training.train_step import TrainState, create_train_state, state_shardings
 
 
+MIN_CACHED_COMPILE_SECONDS = 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
     steps: int
@@ -37,6 +42,18 @@ class LoopSettings:
     eval_every: int
     save_every: int
     max_bad_steps: int  # stop after this many non-finite losses in a row
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """Keep this process's expensive compiled programs (the train and eval steps: those that
+    took `MIN_CACHED_COMPILE_SECONDS` or more) in `directory`, so a restarted run skips XLA
+    compilation; None turns the cache off."""
+    path = None if directory is None else os.path.expanduser(directory)
+    if path == jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
+    compilation_cache.reset_cache()  # a compile before this call has settled "no cache"
 
 
 def restore_or_create(checkpoints: TrainCheckpoints, resume: bool, config, optimizer, mesh,

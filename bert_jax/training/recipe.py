@@ -28,6 +28,7 @@ class ModelSection:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False  # one nn.scan over the layers: compile time independent of depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ class TrainSection:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     record_example_ids: bool = False  # audit: example_ids.process<i>.jsonl, ids fed per step
+    # Compiled programs kept across runs (restarts, resumes, the next run of the same shapes)
+    # by JAX's persistent compilation cache; null turns it off. Local or gs://.
+    compilation_cache_dir: str | None = "~/.cache/bert_jax/jax_cache"
 
 
 @dataclasses.dataclass(frozen=True)

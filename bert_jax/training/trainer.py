@@ -32,6 +32,7 @@ from bert_jax.training.loop import (
     restore_or_create,
     run_directory,
     train_loop,
+    use_compilation_cache,
 )
 from bert_jax.training.objectives import (
     export_config,
@@ -52,7 +53,7 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer):
     """(config, params or None): a preset from scratch (with the tokenizer's vocabulary size
     and special-token ids unless the recipe overrides them), or a checkpoint to continue."""
     m = recipe.model
-    runtime = dict(dtype=m.dtype, remat=m.remat)
+    runtime = dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
     if (m.preset is None) == (m.init_from is None):
         raise BertJaxError("recipe model: give exactly one of preset or init_from")
     if m.init_from is not None:
@@ -69,6 +70,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
              progress: bool = True) -> dict:
     """Train as `recipe` says; returns the last logged metrics."""
     out = epath.Path(recipe.train.output_dir)  # local or gs://
+    use_compilation_cache(recipe.train.compilation_cache_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     config, init_params = build_model(recipe, tokenizer)
     mesh = sharding.make_mesh(recipe.mesh)

@@ -1,0 +1,62 @@
+"""`nn.scan` over the layer stack (`config.scan_layers`), and the param layout it implies.
+
+Scanning traces and compiles one layer instead of `num_layers` copies, so compile time and
+program size stop growing with depth. Its params are the unrolled model's `layer_{i}`
+subtrees stacked on a leading axis (logical name "layers") of one `layers` subtree.
+Checkpoints (HF and Orbax) always hold the unrolled layout: `stack_layers` and
+`unstack_layers` convert where params meet files (`convert/hf_dir.py` for HF tensors,
+`pretrained.py` for Orbax model directories).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LAYERS = "layers"  # the scanned module's name, and the logical axis of its stacked params
+_LAYER = re.compile(r"layer_\d+")
+
+
+def scan_layers(body: Callable, layer: nn.Module, carry, *broadcast, length: int):
+    """Run `body(layer, carry, *broadcast) -> (carry, y)` `length` times, each time with the
+    next layer's params and dropout key; returns (carry, the `y`s stacked on a leading axis).
+
+    `layer` is an unbound child named `LAYERS`; Python values the layer needs (e.g.
+    `deterministic`) are closed over by `body` so they stay static.
+    """
+    scanned = nn.scan(body, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(broadcast), length=length,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})
+    return scanned(layer, carry, *broadcast)
+
+
+def unscanned(config):
+    """`config` with the unrolled layer stack: the layout checkpoints are read and written in."""
+    return dataclasses.replace(config, scan_layers=False) if config.scan_layers else config
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Unrolled -> scanned: the `layer_0` .. `layer_{n-1}` subtrees (wherever they sit) become
+    one `layers` subtree whose leaves carry the layer index as their leading axis."""
+    if "layer_0" not in params:
+        return {k: stack_layers(v) if isinstance(v, dict) else v for k, v in params.items()}
+    names = [f"layer_{i}" for i in range(sum(_LAYER.fullmatch(k) is not None for k in params))]
+    rest = {k: v for k, v in params.items() if k not in names}
+    return {**rest, LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[n] for n in names))}
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Scanned -> unrolled: the inverse of `stack_layers`."""
+    if LAYERS not in params:
+        return {k: unstack_layers(v) if isinstance(v, dict) else v for k, v in params.items()}
+    stacked = params[LAYERS]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != LAYERS}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x: x[i], stacked)
+                       for i in range(num_layers)}}

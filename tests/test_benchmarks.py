@@ -1,0 +1,84 @@
+"""The benchmark suite (`python -m benchmarks.run`) on tiny models: every row is produced,
+both sides run on the same weights and inputs (their MLM logits agree), bad input fails
+cleanly. Speed itself is never asserted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import ours, peer, run
+from bert_jax.families import family_of_config
+from bert_jax.modeling.presets import preset
+from bert_jax.pretrained import PretrainedModel
+
+TINY_SUITE = run.Suite("float32", ("tiny",), ("reference",), ("eager", "sdpa"),
+                       (run.Workload("forward", 2, 16), run.Workload("variable", 2, 48, rows=3),
+                        run.Workload("train", 2, 16)), warmup=0, iters=1)
+
+
+@pytest.mark.slow  # 12-57 s on the shared 2-core CPU
+def test_suite_rows_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(run.SUITES, "cpu", TINY_SUITE)
+    out = tmp_path / "result.json"
+    assert run.main(["--suite", "cpu", "--model", "tiny", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"date", "machine", "versions", "command", "rows"} <= set(result)
+    assert [(r["model"], r["workload"]) for r in result["rows"]] == [
+        ("tiny", "forward"), ("tiny", "variable"), ("tiny", "train")]
+    for row in result["rows"]:
+        names = [m["implementation"] for m in row["measurements"]]
+        assert names == ["bert_jax (reference)", "HF PyTorch (eager)", "HF PyTorch (sdpa)"]
+        for m in row["measurements"]:
+            assert "error" not in m, m
+            assert math.isfinite(m["tokens_per_second"]) and m["tokens_per_second"] > 0
+            assert math.isfinite(m["x_best_peer"])
+    forward, variable, _ = result["rows"]
+    assert forward["tokens"] == 2 * 16
+    assert 3 * 32 <= variable["tokens"] <= 3 * 48  # real tokens, not padded
+    # The peers ran our weights on our inputs.
+    assert set(forward["max_abs_diff_logits"]) == {"eager", "sdpa"}
+    assert max(forward["max_abs_diff_logits"].values()) < 1e-4
+    table = capsys.readouterr().out
+    assert table.count("| tiny |") == 9
+    assert "max abs logits diff" in table
+
+
+def test_peer_holds_our_weights(tmp_path):
+    """Independently of the suite: the PyTorch peer loaded from bert_jax's save gives our
+    logits on the same inputs, and padded right, the same logits on the real tokens."""
+    config = preset("tiny")
+    model = PretrainedModel(config, family_of_config(config).init_params(config, seed=3))
+    model.save_pretrained(tmp_path / "hf")
+    inputs = run.make_inputs(run.Workload("forward", 2, 12), config, seed=1)
+    inputs["attention_mask"][1, 7:] = 0
+    theirs = peer.logits(peer.load(tmp_path / "hf", "sdpa", "float32"), inputs)
+    mine = np.asarray(model(**inputs).logits)
+    real = inputs["attention_mask"] == 1
+    np.testing.assert_allclose(mine[real], theirs[real], atol=1e-4, rtol=0)
+    assert ours.forward(model, inputs)().shape == mine.shape
+
+
+def test_gpt_bert_without_its_code_is_reported(tmp_path):
+    """NorBERT 4's PyTorch peer needs its Hub code: the row says so instead of vanishing."""
+    config = preset("norbert4-tiny")
+    params = family_of_config(config).init_params(config)
+    PretrainedModel(config, params).save_pretrained(tmp_path / "hf")
+    suite = dataclasses.replace(TINY_SUITE, backends=(), peers=("sdpa",))
+    row = run.run_workload("norbert4-tiny", run.Workload("forward", 1, 16), config, params,
+                           tmp_path / "hf", suite, gpt_bert_code=None)
+    [peer_row] = row["measurements"]
+    assert peer_row["implementation"] == "HF PyTorch (sdpa)"
+    assert "--gpt-bert-code" in peer_row["error"]
+
+
+def test_unknown_model_is_one_error_line(capsys, tmp_path):
+    out = tmp_path / "result.json"
+    assert run.main(["--suite", "cpu", "--model", "nope", "--json", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m benchmarks.run: error: unknown preset")
+    assert not out.exists()
