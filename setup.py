@@ -41,6 +41,7 @@ setup(
         "gcs": ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"],
         "test": [
             "pytest>=8",
+            "pytest-xdist==3.8.0",  # the suite runs on 2 workers (README, .ci/run)
             # The CPU wheel: a looser spec pulls a multi-GB CUDA build.
             "torch==2.13.0",
             "transformers==5.23.0",
