@@ -68,7 +68,7 @@ def cmd_predict(args) -> None:
     results = predict(args.task, args.model, inputs, top_k=args.top_k,
                       aggregation=args.aggregation, pooling=args.pooling,
                       normalize=not args.no_normalize, context=args.context,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, truncation=args.truncation)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", help="question-answering: a question "
                    "(repeatable; same as giving it as an input)")
     p.add_argument("--context", help="question-answering: the text the answers come from")
+    p.add_argument("--truncation", action="store_true", help="text-classification: cut texts "
+                   "longer than the model's positions instead of stopping with an error")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="continue a prompt with a GPT-BERT model (causal mode)",

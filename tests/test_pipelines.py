@@ -278,3 +278,19 @@ def test_bad_options(ner_model, qa_model):
         answer(*qa_model, "who?", CONTEXT, max_seq_len=16, doc_stride=32)
     with pytest.raises(BertJaxError, match="token-classification head"):
         ner(*qa_model, TEXTS)
+
+
+def test_text_classification_of_a_too_long_text_errs_or_truncates(tmp_path_factory):
+    """Over the model's positions: one clear error by default; with truncation the scores
+    equal the pipeline's `truncation=True`."""
+    path = saved(tmp_path_factory, "cls-long", "ForSequenceClassification", "classifier",
+                 num_labels=2)
+    model, tokenizer = ours(path)
+    long_text = " ".join(TEXTS * 40)
+    with pytest.raises(BertJaxError, match="more than max_position_embeddings"):
+        classify(model, tokenizer, long_text)
+    positions = model.config.max_position_embeddings  # our tiny tokenizer declares no max
+    expected = hf_pipeline("text-classification", path)(long_text, top_k=None, truncation=True,
+                                                         max_length=positions)
+    assert_same_results(classify(model, tokenizer, long_text, top_k=None, truncation=True),
+                        expected)

@@ -19,7 +19,7 @@ TASKS = ("fill-mask", "ner", "text-classification", "question-answering", "embed
 
 def predict(task: str, model_dir: str | Path, inputs: list[str], *, top_k: int | None = None,
             aggregation: str = "none", pooling: str = "mean", normalize: bool = True,
-            context: str | None = None, batch_size: int = 32) -> list:
+            context: str | None = None, batch_size: int = 32, truncation: bool = False) -> list:
     """One result per input (for question-answering the inputs are questions about `context`;
     for embeddings each result is the text's vector as a list)."""
     if task not in TASKS:
@@ -39,7 +39,7 @@ def predict(task: str, model_dir: str | Path, inputs: list[str], *, top_k: int |
         return ner(model, tokenizer, inputs, aggregation, batch_size=batch_size)
     if task == "text-classification":
         return classify(model, tokenizer, inputs, top_k=1 if top_k is None else top_k,
-                        batch_size=batch_size)
+                        batch_size=batch_size, truncation=truncation)
     if task == "question-answering":
         return answer(model, tokenizer, inputs, context, top_k=1 if top_k is None else top_k,
                       batch_size=batch_size)

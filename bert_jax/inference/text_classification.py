@@ -4,6 +4,8 @@
 Scores go through `function_to_apply`: by default none for regression, sigmoid for
 multi-label models or a single label, softmax otherwise (the config's `problem_type` and
 label count decide, as in `transformers`). A text pair is given as {"text", "text_pair"}.
+A text longer than the model's positions is an error unless `truncation` is set (the
+pipeline's `truncation=True`: cut to the model's length, longest sequence of a pair first).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ Text = str | dict[str, str]
 
 def classify(model: PretrainedModel, tokenizer: Tokenizer, texts: Text | list[Text],
              top_k: int | None = 1, function_to_apply: str | None = None, *,
-             batch_size: int = 32):
+             batch_size: int = 32, truncation: bool = False):
     """The best `top_k` labels (all when None) per text; a single text gives a single list."""
     config = model.config
     if config.head != "ForSequenceClassification":
@@ -41,7 +43,8 @@ def classify(model: PretrainedModel, tokenizer: Tokenizer, texts: Text | list[Te
     firsts, pairs = zip(*(_pair(t) for t in texts)) if texts else ((), ())
     if None in pairs and any(p is not None for p in pairs):
         raise BertJaxError("give a text_pair for every text or for none")
-    encodings = encode(tokenizer, firsts, pairs)
+    encodings = encode(tokenizer, firsts, pairs,
+                       max_length=config.max_length[1] if truncation else None)
     scores = run_in_buckets(model, encodings, functools.partial(_scores, function=function),
                             batch_size=batch_size)
     labels = config.labels or tuple(f"LABEL_{i}" for i in range(config.num_labels))
