@@ -7,6 +7,7 @@ saving and the CLI stay family-agnostic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import ModuleType
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from bert_jax.errors import BertJaxError
 from bert_jax.modeling import bert, gpt_bert
 from bert_jax.modeling.config import NORM_PLACEMENT, BertConfig
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.scan import stack_layers, unscanned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +49,15 @@ class Family:
 
     def init_params(self, config, seed: int = 0) -> dict[str, Any]:
         """Freshly initialised params (unboxed), as `transformers` would for a new model."""
-        module = self.build_module(config)
-        variables = jax.jit(module.init)(jax.random.key(seed), **self.example_inputs(config))
-        return nn.meta.unbox(variables["params"])
+        return jax.jit(functools.partial(self.fresh_params, config))(jax.random.key(seed))
+
+    def fresh_params(self, config, key: jax.Array) -> dict[str, Any]:
+        """`init_params` from a key, traceable. Drawn in the unrolled layout and stacked when
+        `config.scan_layers`, so a scanned model starts from the same weights as an unrolled one."""
+        unrolled = unscanned(config)
+        variables = self.build_module(unrolled).init(key, **self.example_inputs(unrolled))
+        params = nn.meta.unbox(variables["params"])
+        return stack_layers(params) if config.scan_layers else params
 
 
 BERT = Family(

@@ -4,6 +4,7 @@ refuses it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,6 +109,17 @@ def test_stacked_axis_is_named_and_never_sharded():
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1))
     spec = sharding.param_shardings(boxed, mesh)["bert"]["layers"]["attention"]["query"]["kernel"]
     assert spec.spec[0] is None
+
+
+def test_a_fresh_scanned_model_starts_from_the_unrolled_weights():
+    """scan_layers is a layout choice only: a new model's weights are the same numbers."""
+    config = bert_jax.preset("tiny")
+    scanned = BERT.init_params(dataclasses.replace(config, scan_layers=True), seed=3)
+    assert set(scanned["bert"]) >= {"layers"} and "layer_0" not in scanned["bert"]
+    unrolled, restacked = flat(BERT.init_params(config, seed=3)), flat(unstack_layers(scanned))
+    assert unrolled.keys() == restacked.keys()
+    for key, value in unrolled.items():
+        np.testing.assert_array_equal(restacked[key], value, err_msg=str(key))
 
 
 def test_gpt_bert_refuses_scan_layers():

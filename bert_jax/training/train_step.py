@@ -48,8 +48,7 @@ def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> T
 
     def init(key):
         init_key, dropout_key = jax.random.split(key)
-        p = params if params is not None else nn.meta.unbox(family.build_module(config).init(
-            init_key, **family.example_inputs(config))["params"])
+        p = params if params is not None else family.fresh_params(config, init_key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
                           rng=jax.random.key_data(dropout_key))
 
