@@ -53,6 +53,7 @@ from bert_jax.training.loop import (
 )
 from bert_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 from bert_jax.training.privacy import DpConfig, make_dp_train_step
+from bert_jax.training.recipe import COMPILATION_CACHE_DIR
 from bert_jax.training.run_log import RunLog
 from bert_jax.training.tasks import ClassificationTask, Outputs, Prepared, TaskSection
 from bert_jax.training.train_step import create_train_state, make_train_step
@@ -113,9 +114,7 @@ class FinetuneTrain:
     best_metric: str | None = None  # an eval metric, e.g. f1; default: the task's headline
     seed: int = 42
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    # Compiled programs kept across runs (restarts, resumes, the next run of the same shapes)
-    # by JAX's persistent compilation cache; null turns it off. Local or gs://.
-    compilation_cache_dir: str | None = "~/.cache/bert_jax/jax_cache"
+    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR  # see recipe.py
 
 
 @dataclasses.dataclass(frozen=True)

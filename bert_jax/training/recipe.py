@@ -20,6 +20,11 @@ from bert_jax.sharding import MeshConfig
 from bert_jax.training.optimizer import OptimizerConfig
 from bert_jax.training.privacy import DpConfig
 
+# Default of `train.compilation_cache_dir` (pretraining and fine-tuning): compiled programs kept
+# across runs (restarts, resumes, the next run of the same shapes) by JAX's persistent
+# compilation cache; null turns it off. Local or gs://.
+COMPILATION_CACHE_DIR = "~/.cache/bert_jax/jax_cache"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -58,9 +63,7 @@ class TrainSection:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     record_example_ids: bool = False  # audit: example_ids.process<i>.jsonl, ids fed per step
-    # Compiled programs kept across runs (restarts, resumes, the next run of the same shapes)
-    # by JAX's persistent compilation cache; null turns it off. Local or gs://.
-    compilation_cache_dir: str | None = "~/.cache/bert_jax/jax_cache"
+    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR
 
 
 @dataclasses.dataclass(frozen=True)
