@@ -110,14 +110,36 @@ def _read_file(path: Path, bar: tqdm) -> dict[str, np.ndarray]:
         tensors = _read_pytorch(path)
         bar.update(len(tensors))
         return tensors
-    with _open_safetensors(path) as f:
+    with _open_safetensors(path) as f:  # validates the header against the file
         keys = list(f.keys())
-        bar.total = (bar.total or 0) + len(keys)
-        tensors = {}
-        for key in keys:
-            tensors[key] = f.get_tensor(key)
-            bar.update()
-        return tensors
+    bar.total = (bar.total or 0) + len(keys)
+    tensors = _map_safetensors(path, keys)
+    bar.update(len(keys))
+    return tensors
+
+
+def _map_safetensors(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """Read-only views of the memory-mapped file, located by its documented header (a u64
+    length, then JSON with each tensor's dtype, shape and byte offsets after the header).
+
+    No copy is made here: a conversion's transposes and casts read the pages straight from
+    the page cache, in parallel, and untouched tensors are written out from the mapping, so
+    a 1.3 GB checkpoint is not first copied into 1.3 GB of fresh memory (`get_tensor` does).
+    """
+    file = np.memmap(path, dtype=np.uint8, mode="r")
+    header_bytes = int(file[:8].view("<u8")[0])
+    header = json.loads(file[8:8 + header_bytes].tobytes())
+    data = file[8 + header_bytes:]
+    tensors = {}
+    for key in keys:
+        spec = header[key]
+        begin, end = spec["data_offsets"]
+        if spec["dtype"] not in _SAFETENSORS_DTYPES:
+            raise BertJaxError(f"{path}: tensor {key!r} is {spec['dtype']}, a dtype bert_jax "
+                               f"does not read ({', '.join(_SAFETENSORS_DTYPES)})")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])  # bfloat16: ml_dtypes' name
+        tensors[key] = data[begin:end].view(dtype).reshape(spec["shape"])
+    return tensors
 
 
 @contextlib.contextmanager
