@@ -298,6 +298,13 @@ def wrong_shape(d):
     return [RESHAPED_KEY, "(36, 32)", "(37, 32)", "model.safetensors"]
 
 
+def fp8_tensor(d):
+    tensors = saved_tensors(d)
+    tensors[RESHAPED_KEY] = tensors[RESHAPED_KEY].to(torch.float8_e4m3fn)
+    write_weights(d, tensors)
+    return [RESHAPED_KEY, "F8_E4M3", "model.safetensors"]
+
+
 def truncated_safetensors(d):
     path = d / "model.safetensors"
     data = path.read_bytes()
@@ -359,7 +366,8 @@ def invalid_pytorch_bin(d):
 
 
 BREAKERS = [
-    unknown_model_type, unknown_architecture, missing_tensor, wrong_shape, truncated_safetensors,
+    unknown_model_type, unknown_architecture, missing_tensor, wrong_shape, fp8_tensor,
+    truncated_safetensors,
     no_weights, empty_directory, missing_shard, tensor_in_no_shard, invalid_config_json,
     invalid_pytorch_bin, weight_map_not_strings, nested_pytorch_bin,
 ]
