@@ -12,7 +12,10 @@ model (a preset, random weights, nothing downloaded) runs the suite's workloads:
   as a `transformers` pipeline does (input order, each batch padded to its longest row);
   tokens/s counts real tokens only;
 - train: one MLM train step, forward + backward + AdamW update, with dropout as the model
-  configures it (0.1 for BERT) on both sides; bert_jax runs `training.train_step`'s real step.
+  configures it (0.1 for BERT) on both sides; bert_jax runs `training.train_step`'s real step,
+  with the MLM head on the masked positions only as pretraining runs it (`masked_positions`,
+  max_predictions_per_seq = 15% of the length), and again on every position ("all
+  positions"), as `transformers` computes it. Both give the same loss.
 Each implementation is warmed up (compilation excluded), then timed as the median of N calls
 that block on the device (`block_until_ready` / `torch.cuda.synchronize`). "x best peer" is
 tokens/s over the fastest PyTorch implementation's. MFU (accelerators only) is against the
@@ -28,6 +31,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
@@ -39,6 +43,7 @@ import numpy as np
 
 from benchmarks import ours, peer
 from benchmarks.timing import timings
+from bert_jax.data.masking import masked_positions
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.modeling.presets import preset
@@ -46,6 +51,7 @@ from bert_jax.pretrained import PretrainedModel
 from bert_jax.training import flops
 
 IGNORE_INDEX = -100
+MLM_PROBABILITY = 0.15
 WORKLOADS = ("forward", "variable", "train")
 
 
@@ -94,8 +100,9 @@ SUITES = {
 
 
 def make_inputs(workload: Workload, config, seed: int = 0) -> dict:
-    """Random token ids (never special ids 0-4) and, for training, MLM labels on 15% of the
-    positions (-100 elsewhere, as `transformers` expects); variable sets are a list of rows."""
+    """Random token ids (never special ids 0-4) and, for training, MLM labels on 15% of each
+    row's positions, as the pretraining pipeline masks (-100 elsewhere, as `transformers`
+    expects); variable sets are a list of rows."""
     rng = np.random.default_rng(seed)
     if workload.kind == "variable":
         lengths = rng.integers(min(32, workload.seq), workload.seq + 1, workload.rows)
@@ -103,8 +110,14 @@ def make_inputs(workload: Workload, config, seed: int = 0) -> dict:
     ids = rng.integers(5, config.vocab_size, (workload.batch, workload.seq)).astype(np.int32)
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     if workload.kind == "train":
-        inputs["labels"] = np.where(rng.random(ids.shape) < 0.15, ids, IGNORE_INDEX).astype(np.int32)
+        chosen = rng.random(ids.shape).argsort(axis=1) < round(MLM_PROBABILITY * workload.seq)
+        inputs["labels"] = np.where(chosen, ids, IGNORE_INDEX).astype(np.int32)
     return inputs
+
+
+def max_predictions(seq: int) -> int:
+    """The pretraining recipes' `max_predictions_per_seq` for this length (20 at 128)."""
+    return math.ceil(MLM_PROBABILITY * seq)
 
 
 def tokens_of(inputs: dict) -> int:
@@ -145,10 +158,12 @@ def run_workload(name: str, workload: Workload, config, params, hf_dir: Path, su
            "dtype": suite.dtype, "tokens": tokens, "measurements": []}
     models = {}  # backend -> our forward model, whose logits the peers' are checked against
 
-    def ours_fn(backend):
+    def ours_fn(backend, all_positions=False):
         backend_config = dataclasses.replace(config, attention_backend=backend)
         if workload.kind == "train":
-            step, planned = ours.train_step(backend_config, params, inputs)
+            batch = inputs if all_positions else inputs | {"masked_positions": masked_positions(
+                inputs["labels"], max_predictions(workload.seq))}
+            step, planned = ours.train_step(backend_config, params, batch)
             return step, lambda: planned
         model = models[backend] = PretrainedModel(backend_config, params)
         if workload.kind == "variable":
@@ -161,6 +176,11 @@ def run_workload(name: str, workload: Workload, config, params, hf_dir: Path, su
                                            flops_per_token))
         if "error" in row["measurements"][-1]:
             models.pop(backend, None)
+    if workload.kind == "train" and suite.backends:  # the head on every position, as HF's
+        backend = suite.backends[0]
+        row["measurements"].append(measure(f"bert_jax ({backend}, all positions)", "bert_jax",
+                                           lambda: ours_fn(backend, all_positions=True), suite,
+                                           tokens, flops_per_token))
 
     def peer_fn(implementation):
         model = peer.load(hf_dir, implementation, suite.dtype, train=workload.kind == "train",

@@ -32,7 +32,8 @@ def test_suite_rows_table_and_json(tmp_path, monkeypatch, capsys):
         ("tiny", "forward"), ("tiny", "variable"), ("tiny", "train")]
     for row in result["rows"]:
         names = [m["implementation"] for m in row["measurements"]]
-        assert names == ["bert_jax (reference)", "HF PyTorch (eager)", "HF PyTorch (sdpa)"]
+        assert names == ["bert_jax (reference)"] + ["bert_jax (reference, all positions)"] * (
+            row["workload"] == "train") + ["HF PyTorch (eager)", "HF PyTorch (sdpa)"]
         for m in row["measurements"]:
             assert "error" not in m, m
             assert math.isfinite(m["tokens_per_second"]) and m["tokens_per_second"] > 0
@@ -44,7 +45,7 @@ def test_suite_rows_table_and_json(tmp_path, monkeypatch, capsys):
     assert set(forward["max_abs_diff_logits"]) == {"eager", "sdpa"}
     assert max(forward["max_abs_diff_logits"].values()) < 1e-4
     table = capsys.readouterr().out
-    assert table.count("| tiny |") == 9
+    assert table.count("| tiny |") == 10
     assert "max abs logits diff" in table
 
 

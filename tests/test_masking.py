@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bert_jax.data.masking import mask_tokens, span_mask
+from bert_jax.data.masking import mask_tokens, masked_positions, span_mask
 from bert_jax.data.nsp import IS_NEXT, NOT_NEXT, nsp_instances
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -280,3 +280,14 @@ def test_nsp_degenerate_corpora():
     assert out["input_ids"].shape == (0, 8) and out["next_sentence_label"].shape == (0,)
     with pytest.raises(ValueError, match="max_seq_length"):
         nsp_instances(tiny, rng, max_seq_length=4, cls_id=CLS, sep_id=SEP, pad_id=PAD)
+
+
+def test_masked_positions_list_every_labelled_position():
+    labels = np.full((3, 10), -100)
+    labels[0, [2, 7]] = 5
+    labels[1, [0, 1, 9]] = 6
+    positions = masked_positions(labels, 4)
+    np.testing.assert_array_equal(positions, [[2, 7, -1, -1], [0, 1, 9, -1], [-1, -1, -1, -1]])
+    assert positions.dtype == np.int32
+    with pytest.raises(ValueError, match="3 labelled tokens, more than max_predictions=2"):
+        masked_positions(labels, 2)

@@ -221,6 +221,17 @@ def test_bert_masking_statistics(shards):
     assert 0.05 < (ids[chosen] == labels[chosen]).mean() < 0.15
 
 
+def test_bert_masked_positions(shards):
+    """With max_predictions_per_seq, each batch lists every labelled position of each row."""
+    for batch in take(bert(shards, max_predictions_per_seq=6), 5):
+        positions = batch["masked_positions"]
+        assert positions.shape == (8, 6) and positions.dtype == np.int32
+        for row_labels, row_positions in zip(batch["labels"], positions):
+            np.testing.assert_array_equal(row_positions[row_positions >= 0],
+                                          np.flatnonzero(row_labels != -100))
+    assert "masked_positions" not in take(bert(shards), 1)[0]
+
+
 def test_bert_whole_word_masking(shards):
     """Odd ids continue the word before: a word's pieces are chosen together."""
     for batch in take(bert(shards, whole_word_starts_fn=lambda ids: ids % 2 == 0), 5):

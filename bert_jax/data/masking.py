@@ -109,6 +109,21 @@ def span_mask(input_ids, special_mask, rng: np.random.Generator, *, vocab_size: 
     return masked.reshape(np.shape(input_ids)), labels.reshape(np.shape(input_ids))
 
 
+def masked_positions(labels_BT, max_predictions: int) -> np.ndarray:
+    """`[B, max_predictions]` int32: each row's labelled positions in order, -1 in the slots
+    left over (Google BERT's `masked_lm_positions`). The MLM head then runs on these positions
+    only, not on all T (see `heads.at_positions`): at 15% masking, about 1/6 of its cost."""
+    labelled_BT = np.asarray(labels_BT) != IGNORE_INDEX
+    most = int(labelled_BT.sum(axis=1).max(initial=0))
+    if most > max_predictions:
+        raise ValueError(f"a row has {most} labelled tokens, more than max_predictions="
+                         f"{max_predictions}")
+    # Stable sort puts labelled positions first, in order; the rest become -1.
+    order_BT = np.argsort(~labelled_BT, axis=1, kind="stable")[:, :max_predictions]
+    taken_BP = np.take_along_axis(labelled_BT, order_BT, axis=1)
+    return np.where(taken_BP, order_BT, -1).astype(np.int32)
+
+
 def _as_batch(input_ids, special_mask):
     ids = np.asarray(input_ids)
     if ids.ndim not in (1, 2):

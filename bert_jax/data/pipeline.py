@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from bert_jax.data.masking import IGNORE_INDEX, mask_tokens, span_mask
+from bert_jax.data.masking import IGNORE_INDEX, mask_tokens, masked_positions, span_mask
 from bert_jax.data.nsp import _document_pairs, _pack
 from bert_jax.data.records import decode_document
 
@@ -44,7 +44,9 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
                   read_options: grain.ReadOptions | None = None) -> PipelineIterator:
     """BERT pretraining batches: `[B, max_seq_length]` int32 input_ids, attention_mask,
     token_type_ids, labels (-100 where not predicted), `[B]` int32 next_sentence_label (when
-    `nsp`) and int64 example_id (see `split_example_id`), B = global_batch_size / process_count.
+    `nsp`) and int64 example_id (see `split_example_id`), B = global_batch_size / process_count;
+    with `max_predictions_per_seq`, also `[B, max_predictions_per_seq]` masked_positions
+    (`masking.masked_positions`), so that the MLM head runs on those positions only.
 
     Every epoch rebuilds each document's [CLS] A [SEP] B [SEP] instances with fresh random
     chunking (`nsp_instances`' algorithm, NotNext B from one random other document) and masks
@@ -103,6 +105,8 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
                 vocab_size=vocab_size, mask_token_id=mask_id, mlm_probability=mlm_probability,
                 max_predictions=max_predictions_per_seq,
                 whole_word_starts=None if starts is None else starts[row])
+        if max_predictions_per_seq is not None:
+            out["masked_positions"] = masked_positions(out["labels"], max_predictions_per_seq)
         return out | {"example_id": ids}
 
     ds = _documents(num_documents, seed, num_epochs).map(read).to_iter_dataset(read_options)

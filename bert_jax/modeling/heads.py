@@ -79,6 +79,12 @@ def at_positions(x_BTD, positions_BP):
     return jnp.take_along_axis(x_BTD, jnp.maximum(positions_BP, 0)[..., None], axis=1)
 
 
+def labels_at(labels_BT, positions_BP):
+    """`labels_BT` at `positions_BP` as `[B, P]`, the ignore index in empty slots (-1)."""
+    return jnp.where(positions_BP >= 0, at_positions(labels_BT[..., None], positions_BP)[..., 0],
+                     losses.IGNORE_INDEX)
+
+
 def segment_classification_loss(logits_BPC, labels, cls_positions_BP,
                                 problem_type: str | None) -> jax.Array:
     """The sequence classification loss of the packed examples (slots with a cls position):

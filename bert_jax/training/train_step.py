@@ -18,6 +18,7 @@ from flax import struct
 
 from bert_jax import sharding
 from bert_jax.families import family_of_config
+from bert_jax.modeling.heads import labels_at
 
 
 @struct.dataclass
@@ -127,6 +128,8 @@ def make_eval_step(config, mesh):
         logits = getattr(out, "prediction_logits", None)
         logits = out.logits if logits is None else logits
         labels = batch["labels"]
+        if "masked_positions" in batch:  # the logits are at those positions only
+            labels = labels_at(labels, batch["masked_positions"])
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
         token_loss = -jnp.take_along_axis(log_probs, jnp.where(labels < 0, 0, labels)[..., None],
                                           -1)[..., 0]
