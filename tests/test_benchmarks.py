@@ -83,3 +83,11 @@ def test_unknown_model_is_one_error_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m benchmarks.run: error: unknown preset")
     assert not out.exists()
+
+
+def test_flax_bert_comparison_needs_transformers_4_57():
+    """benchmarks.flax_bert runs in a transformers 4.57 environment; under v5 it says so."""
+    from benchmarks import flax_bert
+
+    with pytest.raises(SystemExit, match="has no Flax BERT: run this with transformers 4.57"):
+        flax_bert.main(["--model", "tiny", "--rounds", "1"])
