@@ -303,3 +303,33 @@ def test_constant_schedule_allows_warmup_equal_to_total():
     OptimizerConfig(learning_rate=1e-4, warmup_steps=10, total_steps=10, schedule="constant")
     with pytest.raises(BertJaxError, match="warmup_steps="):
         OptimizerConfig(learning_rate=1e-4, warmup_steps=10, total_steps=10)
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad"])
+def test_non_finite_step_is_skipped(bad):
+    """A NaN loss or gradient leaves params and optimizer state as they were (the step
+    still counts); a finite one updates them."""
+    from bert_jax.training.train_step import TrainState, apply_gradients
+
+    optimizer = build_optimizer(OptimizerConfig(learning_rate=0.1, warmup_steps=0,
+                                                total_steps=10, schedule="constant"))
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params), rng=jnp.zeros(2, jnp.uint32))
+    grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}
+    step = jax.jit(lambda s, loss, g: apply_gradients(s, optimizer, loss, g))
+
+    updated, metrics = step(state, jnp.float32(1.0), grads)
+    assert not metrics["skipped"] and int(updated.step) == 1
+    assert not np.allclose(updated.params["w"], params["w"])
+
+    loss, bad_grads = jnp.float32(1.0), grads
+    if bad == "loss":
+        loss = jnp.float32(np.nan)
+    else:
+        bad_grads = {**grads, "b": jnp.array([1.0, np.inf])}
+    skipped, metrics = step(updated, loss, bad_grads)
+    assert metrics["skipped"] and int(skipped.step) == 2
+    for before, after in zip(jax.tree.leaves((updated.params, updated.opt_state)),
+                             jax.tree.leaves((skipped.params, skipped.opt_state))):
+        np.testing.assert_array_equal(after, before)

@@ -76,21 +76,22 @@ def model_loss(config) -> Callable[[Any, dict, jax.Array], jax.Array]:
 def apply_gradients(state: TrainState, optimizer, loss, grads,
                     schedule: Callable[[jax.Array], jax.Array] | None = None):
     """One optimizer update -> (state, metrics). A non-finite loss or gradient skips the
-    update (the batch still counts as consumed)."""
+    update (the batch still counts as consumed). The skip is a `lax.cond`, not a select of
+    new against old state: on the CPU that select and its copies cost ~10% of a BERT-base
+    train step."""
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
+                                     state.opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
     if schedule is not None:
         metrics["learning_rate"] = schedule(state.step)
-    return state.replace(step=state.step + 1,
-                         params=keep_if_finite(params, state.params),
-                         opt_state=keep_if_finite(opt_state, state.opt_state)), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def jit_step(step, config, optimizer, mesh):
