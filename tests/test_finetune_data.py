@@ -153,6 +153,9 @@ def test_tag_schemes_keep_seqevals_entities():
 def test_buckets_and_padding():
     assert bucket_lengths(128) == (16, 32, 64, 128)
     assert bucket_lengths(100, 8) == (8, 16, 32, 64, 100)
+    assert bucket_lengths(512, midpoints=True) == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert bucket_lengths(100, 8, midpoints=True) == (8, 12, 16, 24, 32, 48, 64, 96, 100)
+    assert bucket_lengths(8, 1, midpoints=True) == (1, 2, 3, 4, 6, 8)
     rng = np.random.default_rng(3)
     lengths = rng.integers(2, 100, 23)
     features = Features([rng.integers(5, 50, n).astype(np.int32) for n in lengths],

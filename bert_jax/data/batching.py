@@ -67,11 +67,16 @@ class TaskData:
     problem_type: str | None = None
 
 
-def bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """The powers of two from `smallest` up to `max_length`, then `max_length` itself."""
-    lengths = [smallest]
-    while lengths[-1] * 2 < max_length:
-        lengths.append(lengths[-1] * 2)
+def bucket_lengths(max_length: int, smallest: int = 16, midpoints: bool = False) -> tuple[int, ...]:
+    """The powers of two from `smallest` up to `max_length`, then `max_length` itself.
+
+    `midpoints` adds 1.5 x each power (16, 24, 32, 48, ...): a padded row is then at most a
+    third padding instead of a half, for twice the shapes to compile.
+    """
+    powers = [smallest]
+    while powers[-1] * 2 < max_length:
+        powers.append(powers[-1] * 2)
+    lengths = sorted({*powers, *(p * 3 // 2 for p in powers if midpoints and p * 3 // 2 > p)})
     return tuple(length for length in lengths if length < max_length) + (max_length,)
 
 

@@ -1,9 +1,11 @@
 """Length-bucketed batching for the inference pipelines.
 
 Encodings are sorted by length and cut into batches; each batch is padded to a bucket shape
-(rows and tokens rounded up to powers of two by the fine-tuning batches' `bucket_lengths`, up
-to the batch size and the model's limit), so the jit-compiled model forward and a pipeline's
-jit-compiled post-processing compile once per bucket instead of once per input length.
+(rows rounded up to a power of two, tokens to a power of two or 1.5 times one, by the
+fine-tuning batches' `bucket_lengths`, up to the batch size and the model's limit), so the
+jit-compiled model forward and a pipeline's jit-compiled post-processing compile once per
+bucket instead of once per input length. The midpoints cut the padding of lengths spread
+evenly from about a quarter to about a seventh of the tokens computed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def run_in_buckets(model: PretrainedModel, encodings: Sequence[tokenizers.Encodi
         axis first, and each result is one row of them (token axes still padded).
     forward_kwargs: extra model arguments, e.g. output_hidden_states=True.
     """
-    lengths = bucket_lengths(model.config.max_length[1])
+    lengths = bucket_lengths(model.config.max_length[1], midpoints=True)
     row_counts = bucket_lengths(batch_size, smallest=1)
     names = ("input_ids", "attention_mask",
              *(["token_type_ids"] if _accepts(type(model.module), "token_type_ids") else []))
