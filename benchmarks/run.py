@@ -43,14 +43,13 @@ import numpy as np
 
 from benchmarks import ours, peer
 from benchmarks.timing import timings
-from bert_jax.data.masking import masked_positions
+from bert_jax.data.masking import IGNORE_INDEX, masked_positions
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training import flops
 
-IGNORE_INDEX = -100
 MLM_PROBABILITY = 0.15
 WORKLOADS = ("forward", "variable", "train")
 
