@@ -112,7 +112,7 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
         state_dict, source = read_state_dict(model_dir), str(find_weights(model_dir))
     else:
         stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
-        saved = checkpointing.load_params(model_dir, _abstract_params(stored))
+        saved = checkpointing.load_params(model_dir, abstract_params(stored))
         if config == stored:
             return PretrainedModel(config, saved, model_dir)
         state_dict = hf_dir.hf_state_dict(stored, saved)
@@ -120,7 +120,8 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
     return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)
 
 
-def _abstract_params(config):
+def abstract_params(config):
+    """Shapes, dtypes and a single-device sharding of `config`'s params (nothing allocated)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     boxed = family_of_config(config).abstract_variables(config)["params"]
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -74,6 +74,24 @@ def test_max_shard_size_needs_hf_output(tmp_path, hf_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_orbax_dir_that_does_not_fit_its_config(tmp_path, hf_dir, capsys):
+    """An Orbax dir whose config.json was edited: converting or loading it names the param
+    whose shape differs, and writes nothing."""
+    _, path = hf_dir()
+    assert main(["convert", path, str(tmp_path / "orbax"), "--quiet"]) == 0
+    config_path = tmp_path / "orbax" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    capsys.readouterr()
+
+    assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "back")]) == 1
+    assert_one_line_error(capsys, "does not fit config.json", "word_embeddings.embedding has shape")
+    assert not (tmp_path / "back").exists()
+    stored_shape = rf"\({config['vocab_size']}, "
+    with pytest.raises(bert_jax.BertJaxError, match=f"does not fit config.json: .* {stored_shape}"):
+        bert_jax.from_pretrained(tmp_path / "orbax")
+
+
 # --dtype ------------------------------------------------------------------------------------
 
 def test_dtype_bf16_loads_in_transformers(tmp_path):

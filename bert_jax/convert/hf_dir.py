@@ -58,8 +58,8 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
                    seed: int = 0, on_device: bool = True) -> dict[str, Any]:
     """Params for `config` from HF tensors (any head, see the module docstring).
 
-    on_device=False keeps NumPy arrays (views of `state_dict` where no transpose or cast is
-    due), to write them straight to another file. With `config.scan_layers` the layers come
+    on_device=False keeps NumPy arrays (views of `state_dict`, transposed where the layouts
+    differ, copies only where a cast is due), to write them straight to another file. With `config.scan_layers` the layers come
     stacked (modeling/scan.py); files always hold them unrolled.
     """
     if config.scan_layers:

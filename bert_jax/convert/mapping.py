@@ -3,9 +3,11 @@
 A table is a list of `Rule`s, one per parameter: the HF key, the param path, and the
 transform between the two layouts. Both directions are exact (transposes and reshapes only),
 so HF -> bert_jax -> HF is bit-identical. Transforms take NumPy or JAX arrays and keep the
-kind; the transposes of large kernels are most of the work of converting a checkpoint, so
-`transpose` does them the fast way for each, and both directions run the transforms on all
-cores (`_map_parallel`).
+kind. On NumPy arrays they return views: nothing is copied until a writer needs the bytes.
+Orbax (TensorStore) copies its input into its own buffers anyway and reads a transposed view
+as it does, and an HF tensor read back through two transposes is the file's own memory, so a
+conversion moves each byte as few times as it can; `state_dict_from_params` makes the HF
+tensors C-contiguous, transposing on all cores (`_map_parallel`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ Shape = tuple[int, ...]
 _BAND = 256  # rows per block of a NumPy transpose
 
 
-def transpose(x):
-    """`x.T` (2-D), materialised C-contiguous: by XLA for a JAX array; for a NumPy array a
-    band of rows at a time, which stays in cache (about 2x NumPy's plain strided copy)."""
-    if isinstance(x, jax.Array):
-        return x.T
-    out = np.empty(x.shape[::-1], x.dtype)
-    for start in range(0, x.shape[0], _BAND):
-        out[:, start:start + _BAND] = x[start:start + _BAND].T
+def contiguous(x: np.ndarray, dtype=None) -> np.ndarray:
+    """`x` C-contiguous (cast to `dtype`). A transposed 2-D view is copied a band of its source
+    rows at a time, which stays in cache: about 2x NumPy's plain strided copy."""
+    if x.flags.c_contiguous or x.ndim != 2 or not x.T.flags.c_contiguous:
+        return np.ascontiguousarray(x, dtype=dtype)
+    source = x.T
+    out = np.empty(x.shape, dtype or x.dtype)
+    for start in range(0, source.shape[0], _BAND):
+        out[:, start:start + _BAND] = source[start:start + _BAND].T
     return out
 
 
@@ -60,8 +63,8 @@ BIAS = Transform(lambda w, shape: w.reshape(shape), lambda p: p.reshape(-1),
 def linear(in_axes: int = 1) -> Transform:
     """torch Linear weight [out, in] <-> kernel [*in_dims, *out_dims] (`in_axes` input dims)."""
     return Transform(
-        lambda w, shape: transpose(w).reshape(shape),
-        lambda k: transpose(k.reshape(math.prod(k.shape[:in_axes]), -1)),
+        lambda w, shape: w.T.reshape(shape),
+        lambda k: k.reshape(math.prod(k.shape[:in_axes]), -1).T,
         lambda shape: (math.prod(shape[in_axes:]), math.prod(shape[:in_axes])),
     )
 
@@ -107,6 +110,6 @@ def state_dict_from_params(rules: list[Rule], flat_params: dict[tuple[str, ...],
                            dtype=None) -> dict[str, np.ndarray]:
     """HF tensors (C-contiguous NumPy arrays, optionally cast to `dtype`) for every rule."""
     def to_hf(rule: Rule) -> np.ndarray:
-        return np.ascontiguousarray(rule.transform.to_hf(flat_params[rule.path]), dtype=dtype)
+        return contiguous(np.asarray(rule.transform.to_hf(flat_params[rule.path])), dtype)
 
     return dict(zip((rule.hf_key for rule in rules), _map_parallel(to_hf, rules)))

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from bert_jax.convert import hf_dir
 from bert_jax.convert.verify import Verification, verify
 from bert_jax.errors import BertJaxError
 from bert_jax.files import atomic_directory, local_copy
-from bert_jax.pretrained import from_pretrained
+from bert_jax.modeling.scan import unscanned
+from bert_jax.pretrained import abstract_params
 from bert_jax.training import checkpointing
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -79,12 +79,13 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
 
 def _read(src: Path, source_format: str, progress: bool):
-    """(config, params as NumPy arrays): the transposes to the other layout run fastest in NumPy
-    (`mapping.transpose`), and Orbax writes NumPy arrays about twice as fast as device arrays."""
+    """(config, params as NumPy arrays on the host): from an HF directory, views of the
+    memory-mapped file (`mapping`: the writer does the transposes as it copies); Orbax also
+    writes NumPy arrays about twice as fast as device arrays."""
     if source_format == "hf":
         return hf_dir.load_hf_dir(src, on_device=False, progress=progress)
-    model = from_pretrained(src)
-    return model.config, jax.tree.map(np.asarray, model.params)
+    config = unscanned(hf_dir.load_config(src))  # the layout Orbax dirs hold
+    return config, checkpointing.load_params(src, abstract_params(config), on_device=False)
 
 
 def _cast(params, dtype: str | None):

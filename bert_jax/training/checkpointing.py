@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -42,12 +43,26 @@ def save_params(config, params, out_dir: str | os.PathLike, *,
     return epath.Path(out_dir)
 
 
-def load_params(model_dir: Path, abstract_params):
-    """Restore params into the shapes, dtypes and shardings of `abstract_params`."""
+def load_params(model_dir: Path, abstract_params, *, on_device: bool = True):
+    """Restore params into the shapes, dtypes and shardings of `abstract_params`; with
+    on_device=False as NumPy arrays on the host (for writing them to another file: no copy
+    to a device and back). Shapes are checked first, from the metadata, so a checkpoint
+    that does not fit its config.json gets one message naming the param."""
     path = (model_dir / PARAMS_DIR).absolute()
+    stored = params_metadata(model_dir)
+    for key, (shape, _) in _shapes_and_dtypes(abstract_params).items():
+        if stored.get(key, (shape,))[0] != shape:
+            raise BertJaxError(f"{path}: does not fit config.json: {'.'.join(key)} has shape "
+                               f"{stored[key][0]}, the config implies {shape}")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path, abstract_params)
+        if on_device:
+            with ocp.StandardCheckpointer() as checkpointer:
+                return checkpointer.restore(path, abstract_params)
+        as_numpy = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                                abstract_params)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                abstract_params, restore_args=as_numpy))
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise BertJaxError(f"{path}: not a readable bert_jax Orbax checkpoint for this "
                            f"config.json ({err})") from None
@@ -58,12 +73,14 @@ def params_metadata(model_dir: Path) -> dict[tuple[str, ...], tuple[tuple[int, .
     path = (model_dir / PARAMS_DIR).absolute()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.metadata(path).item_metadata.tree
+            return _shapes_and_dtypes(checkpointer.metadata(path).item_metadata.tree)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise BertJaxError(f"{path}: not a readable bert_jax Orbax checkpoint ({err})") from None
-    return {tuple(k.key for k in keys): (tuple(leaf.shape), leaf.dtype.name)
-            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
+
+def _shapes_and_dtypes(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    return {tuple(k.key for k in keys): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class TrainCheckpoints:
