@@ -130,12 +130,25 @@ def test_text_classification_matches_pipeline(tmp_path_factory, problem_type, nu
             assert_same_results(our_labels, expected_labels)
 
 
-def test_fill_mask_batch_matches_pipeline(mlm_dir):
-    """Several texts of different lengths in length buckets, one or two masks each."""
+def test_fill_mask_batch_matches_pipeline(mlm_dir, monkeypatch):
+    """Several texts of different lengths in length buckets, one or two masks each; the
+    vocabulary logits are computed at the masks only (`[B, P, V]`, P a power of two)."""
     texts = ["Anna [MASK] in Oslo.", "The [MASK] bank of Bergen is [MASK] and old!",
              "[MASK] is the capital city of France and the river is old."]
     expected = hf_pipeline("fill-mask", mlm_dir)(texts, top_k=3)
-    results = fill_mask(*ours(mlm_dir), texts, top_k=3, batch_size=2)
+    model, tokenizer = ours(mlm_dir)
+    logits_shapes = []
+    forward = type(model).__call__
+
+    def recording_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        logits_shapes.append(out.logits.shape)
+        return out
+
+    monkeypatch.setattr(type(model), "__call__", recording_forward)
+    results = fill_mask(model, tokenizer, texts, top_k=3, batch_size=2)
+    vocab = model.config.vocab_size
+    assert sorted(logits_shapes) == [(1, 1, vocab), (2, 2, vocab)]
     for our_text, expected_text in zip(results, expected, strict=True):
         if isinstance(expected_text[0], dict):
             our_text, expected_text = [our_text], [expected_text]

@@ -118,9 +118,16 @@ def masked_positions(labels_BT, max_predictions: int) -> np.ndarray:
     if most > max_predictions:
         raise ValueError(f"a row has {most} labelled tokens, more than max_predictions="
                          f"{max_predictions}")
-    # Stable sort puts labelled positions first, in order; the rest become -1.
-    order_BT = np.argsort(~labelled_BT, axis=1, kind="stable")[:, :max_predictions]
-    taken_BP = np.take_along_axis(labelled_BT, order_BT, axis=1)
+    return positions_where(labelled_BT, max_predictions)
+
+
+def positions_where(selected_BT, slots: int) -> np.ndarray:
+    """`[B, slots]` int32: the positions of each row's True entries in order (the first
+    `slots` of them), -1 in the slots left over."""
+    selected_BT = np.asarray(selected_BT, bool)
+    # Stable sort puts selected positions first, in order; the rest become -1.
+    order_BT = np.argsort(~selected_BT, axis=1, kind="stable")[:, :slots]
+    taken_BP = np.take_along_axis(selected_BT, order_BT, axis=1)
     return np.where(taken_BP, order_BT, -1).astype(np.int32)
 
 

@@ -25,12 +25,15 @@ from bert_jax.pretrained import PretrainedModel
 
 def run_in_buckets(model: PretrainedModel, encodings: Sequence[tokenizers.Encoding],
                    post: Callable[[Any, dict[str, jax.Array]], Any], *, batch_size: int = 32,
-                   **forward_kwargs) -> list[Any]:
+                   extra_inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+                   | None = None, **forward_kwargs) -> list[Any]:
     """`post(model_output, inputs)` for every encoding, in input order, as NumPy row slices.
 
     post: a jitted function of the model's output and the padded inputs that reduces what
         leaves the device (probabilities, top-k, pooled vectors); its leaves keep the batch
         axis first, and each result is one row of them (token axes still padded).
+    extra_inputs: more inputs made from each padded batch (e.g. fill-mask's mask positions),
+        given to the model where its signature takes them and to `post` where it does not.
     forward_kwargs: extra model arguments, e.g. output_hidden_states=True.
     """
     lengths = bucket_lengths(model.config.max_length[1], midpoints=True)
@@ -46,7 +49,10 @@ def run_in_buckets(model: PretrainedModel, encodings: Sequence[tokenizers.Encodi
         length = bucket(len(features.input_ids[rows[0]]), lengths)
         padded = pad_rows(features, np.array(rows_padded), length, model.config.pad_token_id)
         inputs = {name: padded[name] for name in names}
-        out = jax.device_get(post(model(**inputs, **forward_kwargs), inputs))
+        extra = extra_inputs(inputs) if extra_inputs else {}
+        taken = {k: v for k, v in extra.items() if _accepts(type(model.module), k)}
+        out = model(**inputs, **taken, **forward_kwargs)
+        out = jax.device_get(post(out, inputs | {k: v for k, v in extra.items() if k not in taken}))
         for slot, i in enumerate(rows):
             results[i] = jax.tree.map(lambda x, slot=slot: x[slot], out)
     return results
