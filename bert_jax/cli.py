@@ -6,6 +6,7 @@ Bad input ends with one line, `bert-jax: error: ...`, and exit status 1; no part
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -136,13 +137,15 @@ def cmd_prepare_data(args) -> None:
           + (f" ({len(manifest.problems)} problems reported)" if manifest.problems else ""))
 
 
-def _join_distributed(args) -> None:
-    """Multi-host runs: join before anything touches a device (see bert_jax.distributed)."""
+def _distributed(args) -> contextlib.AbstractContextManager:
+    """Multi-host runs: join before anything touches a device, leave together at the end
+    (see bert_jax.distributed); a no-op for a single process."""
     explicit = (args.coordinator_address, args.num_processes, args.process_id)
     if args.distributed or any(v is not None for v in explicit):
-        from bert_jax.distributed import initialize
+        from bert_jax.distributed import joined
 
-        initialize(*explicit)
+        return joined(*explicit)
+    return contextlib.nullcontext()
 
 
 def _training_arguments(p: argparse.ArgumentParser, example: str) -> None:
@@ -165,9 +168,9 @@ def cmd_pretrain(args) -> None:
     from bert_jax.training.recipe import load_recipe
     from bert_jax.training.trainer import pretrain
 
-    _join_distributed(args)
-    recipe = load_recipe(args.config, args.set or [])
-    metrics = pretrain(recipe, args.tokenizer, resume=args.resume, progress=not args.quiet)
+    with _distributed(args):
+        recipe = load_recipe(args.config, args.set or [])
+        metrics = pretrain(recipe, args.tokenizer, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics))
 
 
@@ -175,9 +178,9 @@ def cmd_finetune(args) -> None:
     from bert_jax.training.finetune import FinetuneRecipe, finetune
     from bert_jax.training.recipe import load_recipe
 
-    _join_distributed(args)
-    recipe = load_recipe(args.config, args.set or [], FinetuneRecipe)
-    metrics = finetune(recipe, resume=args.resume, progress=not args.quiet)
+    with _distributed(args):
+        recipe = load_recipe(args.config, args.set or [], FinetuneRecipe)
+        metrics = finetune(recipe, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics))
 
 

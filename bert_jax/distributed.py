@@ -1,5 +1,5 @@
 """Joining a multi-process (multi-host) run: `jax.distributed.initialize` before anything
-touches a device.
+touches a device, and a shutdown that all processes enter together at the end (`joined`).
 
 With no arguments JAX finds the cluster itself (Cloud TPU VMs, SLURM, Open MPI); elsewhere
 give the coordinator's address, the number of processes and this one's index. CPU
@@ -8,6 +8,9 @@ collectives across processes go through gloo, so the same run also works on CPU 
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import jax
 
@@ -27,3 +30,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as err:
         raise BertJaxError(f"cannot join the distributed run: {err}") from None
+
+
+@contextlib.contextmanager
+def joined(coordinator_address: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None) -> Iterator[None]:
+    """`initialize`, then, once the block has run, leave the run together: every process
+    enters `jax.distributed.shutdown`'s barrier while all are still alive. Left to interpreter
+    exit, process 0 can tear down the coordination service while a peer is still leaving,
+    and that peer aborts in gRPC (SIGABRT after a finished run)."""
+    initialize(coordinator_address, num_processes, process_id)
+    yield
+    jax.distributed.shutdown()
