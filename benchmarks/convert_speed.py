@@ -5,9 +5,9 @@
 Builds a random BertForMaskedLM of the preset's shape with transformers (fp32; bert-large-cased
 is a 1.3 GB model.safetensors) in a temporary directory (or --dir), then times in this
 process, --repeats times each: reading every tensor with safetensors (the baseline), copying
-the file (the floor of any conversion, which reads and writes as many bytes), and the
-`bert-jax convert` code path HF -> Orbax, Orbax -> HF and HF -> HF in bf16. Each is timed
-twice: with the source in the page cache ("warm": reading is a memory copy) and with the
+the file (the floor of any conversion, which reads and writes as many bytes), copying it and
+waiting for the disk (`fsync`, as Orbax's writes do), and the `bert-jax convert` code path
+HF -> Orbax, Orbax -> HF and HF -> HF in bf16. Each is timed twice: with the source in the page cache ("warm": reading is a memory copy) and with the
 source's pages dropped first ("cold": reading comes from the disk, as for a checkpoint not
 read since boot). Only the benchmark's own files are dropped (posix_fadvise), nothing else on
 the machine. Outside the timed part, the previous output is deleted (so `--overwrite`'s
@@ -57,6 +57,13 @@ def timings(fn, source: Path, output: Path, cold: bool, repeats: int) -> tuple[l
     return wall, cpu
 
 
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy a file and wait until it is on the disk."""
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def build_checkpoint(model: str, out: Path) -> None:
     import torch
     import transformers
@@ -92,6 +99,7 @@ def main() -> None:
         steps = (("read all tensors (safetensors)", lambda: load_file(weights), weights, copy),
                  ("copy the file (shutil.copyfile)", lambda: shutil.copyfile(weights, copy),
                   weights, copy),
+                 ("copy the file and fsync", lambda: copy_durably(weights, copy), weights, copy),
                  ("convert HF -> Orbax", lambda: convert(hf, orbax), weights, orbax),
                  ("convert Orbax -> HF", lambda: convert(orbax, back), orbax, back),
                  ("convert HF -> HF --dtype bf16", lambda: convert(hf, bf16, to="hf", dtype="bf16"),
