@@ -3,17 +3,18 @@
     python -m benchmarks.convert_speed [--model bert-large-cased] [--repeats 3] [--dir DIR]
 
 Builds a random BertForMaskedLM of the preset's shape with transformers (fp32; bert-large-cased
-is a 1.3 GB model.safetensors) in a temporary directory (or --dir), then times in this
-process, --repeats times each: reading every tensor with safetensors (the baseline), copying
-the file (the floor of any conversion, which reads and writes as many bytes), copying it and
-waiting for the disk (`fsync`, as Orbax's writes do), and the `bert-jax convert` code path
-HF -> Orbax, Orbax -> HF and HF -> HF in bf16. Each is timed twice: with the source in the page cache ("warm": reading is a memory copy) and with the
-source's pages dropped first ("cold": reading comes from the disk, as for a checkpoint not
-read since boot). Only the benchmark's own files are dropped (posix_fadvise), nothing else on
-the machine. Outside the timed part, the previous output is deleted (so `--overwrite`'s
-delete is not counted) and written back to the disk (`os.sync`, so its write-back does not
-land in the next timing). The table shows the best and the worst run, as shared cores make
-wall times noisy, and the CPU seconds of the warm runs (all threads): the work itself.
+is a 1.3 GB model.safetensors) in a temporary directory (or --dir), then times in this process,
+--repeats times each: reading every tensor with safetensors (the baseline), copying the file
+(the floor of any conversion, which reads and writes as many bytes), copying it and waiting for
+the disk (`fsync`, as Orbax's writes do), and the `bert-jax convert` code path HF -> Orbax,
+Orbax -> HF and HF -> HF in bf16. Each is timed twice: with the source in the page cache
+("warm": reading is a memory copy) and with the source's pages dropped first ("cold": reading
+comes from the disk, as for a checkpoint not read since boot). Only the benchmark's own files
+are dropped (posix_fadvise), nothing else on the machine. Outside the timed part, the previous
+output is deleted (so `--overwrite`'s delete is not counted) and written back to the disk
+(`os.sync`, so its write-back does not land in the next timing). The table shows the best and
+the worst run, as shared cores make wall times noisy, and the CPU seconds of the warm runs (all
+threads): the work itself.
 """
 
 from __future__ import annotations
