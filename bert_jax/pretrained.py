@@ -19,7 +19,7 @@ from bert_jax.convert.weight_files import find_weights, read_state_dict
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.files import is_remote, local_copy
-from bert_jax.modeling.scan import unscanned, unstack_layers
+from bert_jax.modeling.scan import stack_layers, unscanned, unstack_layers
 from bert_jax.training import checkpointing
 
 # Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
@@ -113,8 +113,9 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
     else:
         stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
         saved = checkpointing.load_params(model_dir, abstract_params(stored))
-        if config == stored:
-            return PretrainedModel(config, saved, model_dir)
+        if unscanned(config) == stored:  # no other head: the params as they are, maybe stacked
+            return PretrainedModel(config, stack_layers(saved) if config.scan_layers else saved,
+                                   model_dir)
         state_dict = hf_dir.hf_state_dict(stored, saved)
         source = str(model_dir / checkpointing.PARAMS_DIR)
     return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)

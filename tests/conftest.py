@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -120,3 +123,27 @@ def prepare_docstrings(root: Path, documents: int, train: int, vocab_size: int) 
 def corpus(tmp_path_factory):
     """Docstrings split into train/eval text, a WordPiece tokenizer and prepared shards."""
     return prepare_docstrings(tmp_path_factory.mktemp("corpus"), 400, 340, 1000)
+
+
+def start_cli(args: list[str], devices: int) -> subprocess.Popen:
+    """`bert-jax ARGS` in a new process with `devices` simulated CPU devices (stderr kept)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "bert_jax.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def start_two_processes(args: list[str], devices: int) -> list[subprocess.Popen]:
+    """`bert-jax ARGS` as processes 0 and 1 of one run (jax.distributed on a free port)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    return [start_cli([*args, "--coordinator-address", f"localhost:{port}", "--num-processes",
+                       "2", "--process-id", str(i)], devices) for i in range(2)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: int = 900) -> None:
+    """Wait for every process; each must exit 0 (else its stderr's end is the message)."""
+    for p in processes:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]

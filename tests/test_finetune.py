@@ -6,17 +6,15 @@ preemption, the card recipes' data sources, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_hf_model, save_hf_model, torch, transformers
+from conftest import (finish, make_hf_model, save_hf_model, start_cli, start_two_processes,
+                      torch, transformers)
 
 import bert_jax
 from bert_jax.cli import main
@@ -118,23 +116,15 @@ def write_swag(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def finetune(config: str, *sets: str, resume: bool = False) -> int:
+def finetune_args(config: str, *sets: str) -> list[str]:
     args = ["finetune", "--config", str(CONFIGS / config), "--quiet"]
     for item in sets:
         args += ["--set", item]
-    return main(args + (["--resume"] if resume else []))
+    return args
 
 
-def finetune_on_devices(devices: int, config: str, *sets: str) -> None:
-    """`bert-jax finetune` in a process with `devices` simulated CPU devices."""
-    args = [sys.executable, "-m", "bert_jax.cli", "finetune", "--config", str(CONFIGS / config),
-            "--quiet"]
-    for item in sets:
-        args += ["--set", item]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def finetune(config: str, *sets: str, resume: bool = False) -> int:
+    return main(finetune_args(config, *sets) + (["--resume"] if resume else []))
 
 
 def logged(run: Path) -> list[dict]:
@@ -221,9 +211,10 @@ def test_ner_end_to_end_on_4_devices_keeps_and_exports_the_best(tmp_path):
     train = write_conll(tmp_path / "train.conll", 96, 0)
     dev = write_conll(tmp_path / "dev.conll", 40, 1)
     run = tmp_path / "run"
-    finetune_on_devices(4, "finetune-tiny-ner.yaml", f"model.init_from={model_dir}",
-                        f"data.train={train}", f"data.eval={dev}", f"train.output_dir={run}",
-                        "train.epochs=4", "mesh.data=2", "mesh.fsdp=2")
+    finish([start_cli(finetune_args(
+        "finetune-tiny-ner.yaml", f"model.init_from={model_dir}", f"data.train={train}",
+        f"data.eval={dev}", f"train.output_dir={run}", "train.epochs=4", "mesh.data=2",
+        "mesh.fsdp=2"), 4)])
     evals = [r for r in logged(run) if "eval_f1" in r]
     assert [r["step"] for r in evals] == [6, 12, 18, 24]  # 96 sentences / 16 a batch, 4 epochs
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -252,6 +243,36 @@ def test_ner_end_to_end_on_4_devices_keeps_and_exports_the_best(tmp_path):
             previous = word
     f1 = token_classification_metrics(predicted, aligned, labels)["f1"]
     assert f1 == pytest.approx(best["eval_f1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """NER fine-tuning as 2 processes x 2 simulated devices (jax.distributed over gloo) logs
+    the losses and eval metrics of 1 process x 4 devices on the same data, and exports the
+    same weights, gathered from both processes."""
+    model_dir = tiny_model(tmp_path / "model", "ForMaskedLM")
+    train = write_conll(tmp_path / "train.conll", 64, 0)
+    dev = write_conll(tmp_path / "dev.conll", 20, 1)  # the last eval batch padded
+
+    def args(run: Path) -> list[str]:
+        return finetune_args("finetune-tiny-ner.yaml", f"model.init_from={model_dir}",
+                             f"data.train={train}", f"data.eval={dev}", f"train.output_dir={run}",
+                             "train.epochs=2", "train.log_every=1", "mesh.data=2", "mesh.fsdp=2")
+
+    finish([start_cli(args(tmp_path / "one"), 4)])
+    finish(start_two_processes(args(tmp_path / "two"), 2))
+
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for expected, got in zip(one, two):
+        assert got.keys() == expected.keys()
+        for key in expected.keys() - {"tokens_per_second"}:  # the rest is the same run's
+            assert got[key] == pytest.approx(expected[key], abs=1e-5), (expected["step"], key)
+    assert len(losses_of(tmp_path / "two")) == 8  # 64 sentences / 16 a batch, 2 epochs
+    expected, got = read_state_dict(tmp_path / "one" / "hf"), read_state_dict(tmp_path / "two" / "hf")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow

@@ -5,15 +5,12 @@ same losses as 1 process with 16 devices on the same data."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import finish, start_cli, start_two_processes, transformers
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-mlm.yaml"
 STEPS, KILL_AFTER_CHECKPOINT = 24, 8
@@ -25,33 +22,11 @@ def command(corpus, run: Path, *extra) -> list[str]:
             "optimizer.warmup_steps=4", f"train.save_every={KILL_AFTER_CHECKPOINT}",
             "train.eval_every=12", "train.eval_batches=2", "train.log_every=1",
             "train.record_example_ids=true", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"]
-    args = [sys.executable, "-m", "bert_jax.cli", "pretrain", "--config", str(RECIPE),
-            "--tokenizer", str(corpus / "tok"), "--quiet", *extra]
+    args = ["pretrain", "--config", str(RECIPE), "--tokenizer", str(corpus / "tok"), "--quiet",
+            *extra]
     for item in sets:
         args += ["--set", item]
     return args
-
-
-def start(args, devices: int) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def two_processes(corpus, run: Path, *extra) -> list[subprocess.Popen]:
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    return [start(command(corpus, run, "--coordinator-address", f"localhost:{port}",
-                          "--num-processes", "2", "--process-id", str(i), *extra), 8)
-            for i in range(2)]
-
-
-def finish(processes, timeout=900) -> None:
-    for p in processes:
-        _, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[-3000:]
 
 
 def last_per_step(path: Path, key: str) -> dict:
@@ -64,10 +39,10 @@ def last_per_step(path: Path, key: str) -> dict:
 @pytest.mark.slow
 def test_two_processes_killed_and_resumed_equal_one_process(corpus, tmp_path):
     single = tmp_path / "single"
-    finish([start(command(corpus, single), 16)])
+    finish([start_cli(command(corpus, single), 16)])
 
     run = tmp_path / "two"
-    processes = two_processes(corpus, run)
+    processes = start_two_processes(command(corpus, run), 8)
     checkpoint = run / "checkpoints" / str(KILL_AFTER_CHECKPOINT)
     deadline = time.time() + 600
     while not checkpoint.is_dir() and time.time() < deadline and \
@@ -78,7 +53,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(corpus, tmp_path):
         p.wait()
     assert all(p.returncode == -signal.SIGKILL for p in processes), "not killed mid-run"
     assert checkpoint.is_dir() and not (run / "hf").exists()
-    finish(two_processes(corpus, run, "--resume"))
+    finish(start_two_processes(command(corpus, run, "--resume"), 8))
 
     expected = last_per_step(single / "log.jsonl", "loss")
     losses = last_per_step(run / "log.jsonl", "loss")
@@ -96,5 +71,4 @@ def test_two_processes_killed_and_resumed_equal_one_process(corpus, tmp_path):
     assert all(sorted(half) == sorted(whole) for half in halves)
     assert all(halves[0][s] + halves[1][s] == whole[s] for s in whole)
     # The export, gathered from both processes, loads in transformers.
-    from conftest import transformers
     assert transformers.BertForPreTraining.from_pretrained(run / "hf").num_parameters() > 0

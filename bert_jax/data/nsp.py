@@ -43,8 +43,8 @@ def nsp_instances(documents, rng: np.random.Generator, *, max_seq_length: int,
     docs = [d for d in ([s for s in doc if len(s)] for doc in documents) if d]
     pairs = []
     for index in range(len(docs)):
-        pairs.extend(_document_pairs(docs, index, rng, max_num_tokens, short_seq_prob))
-    return _pack(pairs, max_seq_length, cls_id, sep_id, pad_id, dtype)
+        pairs.extend(document_pairs(docs, index, rng, max_num_tokens, short_seq_prob))
+    return pack_pairs(pairs, max_seq_length, cls_id, sep_id, pad_id, dtype)
 
 
 def truncate_seq_pair(tokens_a, tokens_b, max_num_tokens: int, rng: np.random.Generator):
@@ -61,8 +61,9 @@ def truncate_seq_pair(tokens_a, tokens_b, max_num_tokens: int, rng: np.random.Ge
     return tokens_a[front_a:front_a + len_a], tokens_b[front_b:front_b + len_b]
 
 
-def _document_pairs(docs, index, rng, max_num_tokens, short_seq_prob):
-    """(tokens_a, tokens_b, label) for one document, the original's chunking loop."""
+def document_pairs(docs, index, rng, max_num_tokens, short_seq_prob):
+    """(tokens_a, tokens_b, label) for `docs[index]`, the original's chunking loop (also run by
+    the streaming pipeline, one document at a time)."""
     document = docs[index]
     target = max_num_tokens
     if rng.random() < short_seq_prob:
@@ -95,7 +96,7 @@ def _document_pairs(docs, index, rng, max_num_tokens, short_seq_prob):
     return pairs
 
 
-def _pack(pairs, max_seq_length, cls_id, sep_id, pad_id, dtype):
+def pack_pairs(pairs, max_seq_length, cls_id, sep_id, pad_id, dtype):
     """Lays the pairs out as [CLS] A [SEP] B [SEP] rows padded to `max_seq_length`."""
     N, T = len(pairs), max_seq_length
     input_ids = np.full((N, T), pad_id, dtype)

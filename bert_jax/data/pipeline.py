@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from bert_jax.data.masking import IGNORE_INDEX, mask_tokens, masked_positions, span_mask
-from bert_jax.data.nsp import _document_pairs, _pack
+from bert_jax.data.nsp import document_pairs, pack_pairs
 from bert_jax.data.records import decode_document
 
 _PARTNER, _NSP, _MLM, _ROW = range(4)  # rng purposes, so no two draws share a seed
@@ -78,9 +78,9 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
         epoch, index, documents = item
         if not documents[0]:
             return []
-        pairs = _document_pairs([d for d in documents if d], 0,
-                                np.random.default_rng((seed, _NSP, epoch, index)),
-                                max_seq_length - 3, short_seq_prob)
+        pairs = document_pairs([d for d in documents if d], 0,
+                               np.random.default_rng((seed, _NSP, epoch, index)),
+                               max_seq_length - 3, short_seq_prob)
         if len(pairs) >> _INSTANCE_BITS:
             raise ValueError(f"document {index} gives {len(pairs)} instances, over the "
                              f"{1 << _INSTANCE_BITS} an example id can number")
@@ -90,8 +90,8 @@ def bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int, max_s
     def collate(examples):
         """A global batch of instances -> this process's slice, laid out and masked."""
         ids = np.array([example_id for example_id, _ in examples[own]], np.int64)
-        out = _pack([pair for _, pair in examples[own]], max_seq_length, cls_id, sep_id, pad_id,
-                    np.int32)
+        out = pack_pairs([pair for _, pair in examples[own]], max_seq_length, cls_id, sep_id,
+                         pad_id, np.int32)
         special = out.pop("special_tokens_mask")
         if not nsp:
             del out["next_sentence_label"]
