@@ -44,11 +44,13 @@ class PretrainedModel:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        self._check_inputs({k: np.asarray(v) for k, v in inputs.items()})
+        self._check_inputs({k: v if isinstance(v, jax.Array) else np.asarray(v)
+                            for k, v in inputs.items()})
         return self._forward(self.params, inputs, output_hidden_states)
 
-    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
-        """Catch on the host what JAX would silently clamp or get wrong."""
+    def _check_inputs(self, inputs: dict[str, np.ndarray | jax.Array]) -> None:
+        """Catch on the host what JAX would silently clamp or get wrong. Values are checked
+        for host inputs only: reading a device array's would copy it back and wait for it."""
         c = self.config
         ids = inputs["input_ids"]
         if not np.issubdtype(ids.dtype, np.integer):
@@ -58,14 +60,15 @@ class PretrainedModel:
             raise BertJaxError(f"input has {ids.shape[-1]} tokens, more than "
                                f"{limit_field}={limit} in config.json")
         for name, size_field in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
-            if name in inputs and inputs[name].size and hasattr(c, size_field):
+            if isinstance(inputs.get(name), np.ndarray) and inputs[name].size and \
+                    hasattr(c, size_field):
                 size = getattr(c, size_field)
                 low, high = int(inputs[name].min()), int(inputs[name].max())
                 if low < 0 or high >= size:
                     raise BertJaxError(f"{name} contains {low if low < 0 else high}, outside "
                                        f"[0, {size}) ({size_field} in config.json)")
         mask = inputs.get("attention_mask")
-        if c.attention_backend == "cudnn" and mask is not None:
+        if c.attention_backend == "cudnn" and isinstance(mask, np.ndarray):
             if np.any(np.diff(mask.astype(np.int8), axis=-1) > 0):
                 raise BertJaxError("attention_backend 'cudnn' needs right padding "
                                    "(attention_mask of 1s then 0s in every row)")

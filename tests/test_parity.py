@@ -177,3 +177,35 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     mask = batch["attention_mask"] == 1
     diff = np.abs(np.asarray(bf16) - np.asarray(fp32))[mask].max()
     assert 0 < diff < 0.1
+
+
+def test_bad_host_inputs_are_named_and_device_inputs_stay_on_the_device(hf_dir, monkeypatch):
+    """NumPy inputs are checked before they reach JAX (which would clamp bad ids silently);
+    device arrays are not read back to the host (no copy and wait per call) and give the same
+    logits."""
+    _, path = hf_dir()
+    model = bert_jax.from_pretrained(path)
+    ids = np.array([[2, 5, 7, 3]])
+    vocab, (limit_field, limit) = model.config.vocab_size, model.config.max_length
+    with pytest.raises(bert_jax.BertJaxError, match=rf"input_ids contains {vocab}, outside "
+                                                    rf"\[0, {vocab}\) \(vocab_size"):
+        model(np.array([[2, vocab]]))
+    with pytest.raises(bert_jax.BertJaxError, match=r"token_type_ids contains -1, outside"):
+        model(ids, token_type_ids=np.array([[0, 0, -1, 0]]))
+    with pytest.raises(bert_jax.BertJaxError, match="input_ids must be integers"):
+        model(ids.astype(np.float32))
+    with pytest.raises(bert_jax.BertJaxError, match=f"{limit + 1} tokens, more than {limit_field}"):
+        model(np.zeros((1, limit + 1), np.int32))
+
+    expected = np.asarray(model(ids).logits)
+    device_ids = jax.device_put(ids)
+    to_numpy = np.asarray
+
+    def host_only(x, *args, **kwargs):  # (the CPU backend has no transfer guard to trip)
+        assert not isinstance(x, jax.Array), "a device input was read back to the host"
+        return to_numpy(x, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "asarray", host_only)
+        logits = model(device_ids, jax.numpy.ones_like(device_ids)).logits
+    np.testing.assert_array_equal(np.asarray(logits), expected)
