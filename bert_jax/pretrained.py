@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -125,11 +124,11 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
 
 
 def abstract_params(config):
-    """Shapes, dtypes and a single-device sharding of `config`'s params (nothing allocated)."""
+    """Shapes, dtypes and a single-device sharding of `config`'s params with the layers
+    unrolled, as checkpoints hold them (nothing allocated)."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    boxed = family_of_config(config).abstract_variables(config)["params"]
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        nn.meta.unbox(boxed))
+                        family_of_config(config).unrolled_abstract_params(config))
 
 
 def _resolve(name_or_path: str | Path, revision: str | None) -> Path:

@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import traverse_util
-import flax.linen as nn
 
 from bert_jax.convert import mapping
 from bert_jax.convert.weight_files import find_weights, read_state_dict, write_safetensors
@@ -89,8 +88,7 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
 def param_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Param path -> shape of the model `config` describes, layers unrolled as in files
     (nothing is allocated)."""
-    config = unscanned(config)
-    abstract = nn.meta.unbox(family_of_config(config).abstract_variables(config)["params"])
+    abstract = family_of_config(config).unrolled_abstract_params(config)
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 

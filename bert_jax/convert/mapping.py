@@ -18,7 +18,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from bert_jax.errors import BertJaxError
