@@ -269,7 +269,8 @@ def test_two_processes_equal_one_process(tmp_path):
         for key in expected.keys() - {"tokens_per_second"}:  # the rest is the same run's
             assert got[key] == pytest.approx(expected[key], abs=1e-5), (expected["step"], key)
     assert len(losses_of(tmp_path / "two")) == 8  # 64 sentences / 16 a batch, 2 epochs
-    expected, got = read_state_dict(tmp_path / "one" / "hf"), read_state_dict(tmp_path / "two" / "hf")
+    expected = read_state_dict(tmp_path / "one" / "hf")
+    got = read_state_dict(tmp_path / "two" / "hf")
     assert got.keys() == expected.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)

@@ -58,8 +58,9 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
     """Params for `config` from HF tensors (any head, see the module docstring).
 
     on_device=False keeps NumPy arrays (views of `state_dict`, transposed where the layouts
-    differ, copies only where a cast is due), to write them straight to another file. With `config.scan_layers` the layers come
-    stacked (modeling/scan.py); files always hold them unrolled.
+    differ, copies only where a cast is due), to write them straight to another file. With
+    `config.scan_layers` the layers come stacked (modeling/scan.py); files always hold them
+    unrolled.
     """
     if config.scan_layers:
         return stack_layers(params_from_hf(unscanned(config), state_dict, source, seed, on_device))
