@@ -1,6 +1,6 @@
-"""The benchmark suite (`python -m benchmarks.run`) on tiny models: every row is produced,
-both sides run on the same weights and inputs (their MLM logits agree), bad input fails
-cleanly. Speed itself is never asserted."""
+"""The benchmark suite (`python -m benchmarks.run`) and the fill-mask benchmark on tiny models:
+every row is produced, both sides run on the same weights and inputs (their MLM logits and
+fill-mask predictions agree), bad input fails cleanly. Speed itself is never asserted."""
 
 from __future__ import annotations
 
@@ -91,3 +91,15 @@ def test_flax_bert_comparison_needs_transformers_4_57():
 
     with pytest.raises(SystemExit, match="has no Flax BERT: run this with transformers 4.57"):
         flax_bert.main(["--model", "tiny", "--rounds", "1"])
+
+
+@pytest.mark.slow  # about 15 s
+def test_fill_mask_benchmark_agrees_with_the_pipeline(capsys):
+    """benchmarks.fill_mask: both rows, and transformers' pipeline ranks the same token first
+    at every mask."""
+    from benchmarks import fill_mask
+
+    fill_mask.main(["--model", "tiny", "--texts", "6", "--batch-size", "4", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| bert_jax fill_mask |" in out and "| transformers pipeline |" in out
+    assert "same top token at every mask: yes" in out
