@@ -76,7 +76,7 @@ def test_max_shard_size_needs_hf_output(tmp_path, hf_dir, capsys):
 
 def test_orbax_dir_that_does_not_fit_its_config(tmp_path, hf_dir, capsys):
     """An Orbax dir whose config.json was edited: converting or loading it names the param
-    whose shape differs, and writes nothing."""
+    whose shape differs (or that the checkpoint lacks), and writes nothing."""
     _, path = hf_dir()
     assert main(["convert", path, str(tmp_path / "orbax"), "--quiet"]) == 0
     config_path = tmp_path / "orbax" / "config.json"
@@ -89,6 +89,10 @@ def test_orbax_dir_that_does_not_fit_its_config(tmp_path, hf_dir, capsys):
     assert not (tmp_path / "back").exists()
     stored_shape = rf"\({config['vocab_size']}, "
     with pytest.raises(bert_jax.BertJaxError, match=f"does not fit config.json: .* {stored_shape}"):
+        bert_jax.from_pretrained(tmp_path / "orbax")
+
+    config_path.write_text(json.dumps({**config, "architectures": ["BertForPreTraining"]}))
+    with pytest.raises(bert_jax.BertJaxError, match="bert.pooler.dense.bias is not in the checkpoint"):
         bert_jax.from_pretrained(tmp_path / "orbax")
 
 

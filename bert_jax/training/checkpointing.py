@@ -51,9 +51,10 @@ def load_params(model_dir: Path, abstract_params, *, on_device: bool = True):
     path = (model_dir / PARAMS_DIR).absolute()
     stored = params_metadata(model_dir)
     for key, (shape, _) in _shapes_and_dtypes(abstract_params).items():
-        if stored.get(key, (shape,))[0] != shape:
-            raise BertJaxError(f"{path}: does not fit config.json: {'.'.join(key)} has shape "
-                               f"{stored[key][0]}, the config implies {shape}")
+        if key not in stored or stored[key][0] != shape:
+            found = f"has shape {stored[key][0]}" if key in stored else "is not in the checkpoint"
+            raise BertJaxError(f"{path}: does not fit config.json: {'.'.join(key)} {found}, "
+                               f"the config implies {shape}")
     try:
         if on_device:
             with ocp.StandardCheckpointer() as checkpointer:
