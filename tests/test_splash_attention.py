@@ -3,6 +3,7 @@ forward and gradients under every mask kind it expresses, the fallbacks, and who
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import example_batch, run_hf
 
 import bert_jax
+from bert_jax.families import BERT
 from bert_jax.modeling import splash_attention
 from bert_jax.modeling.attention import AttentionMask, attend
 
@@ -187,6 +189,24 @@ def test_tiny_bert_matches_transformers(hf_dir):
     expected = run_hf(torch_model, batch).logits.numpy()
     real = batch["attention_mask"] == 1
     np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_kernel_first_built_in_a_scanned_init_serves_every_later_trace(hf_dir):
+    """The train step's shardings come from `eval_shape` of the scanned model's init, which
+    can be the first to ask for a kernel (and is inside Flax's `nn.scan` trace): the cached
+    kernel must hold no tracer of it. Scanned and unrolled forwards then equal transformers."""
+    torch_model, path = hf_dir("bert", "ForMaskedLM")
+    batch = example_batch()
+    expected = run_hf(torch_model, batch).logits.numpy()
+    real = batch["attention_mask"] == 1
+    config = bert_jax.from_pretrained(path).config
+    splash_attention._kernel.cache_clear()  # the init's 1 token and these 11: one 128 kernel
+    BERT.abstract_variables(dataclasses.replace(config, attention_backend="splash",
+                                                scan_layers=True))
+    for scan_layers in (True, False):
+        model = bert_jax.from_pretrained(path, attention_backend="splash", scan_layers=scan_layers)
+        logits = np.asarray(model(**batch).logits)
+        np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")

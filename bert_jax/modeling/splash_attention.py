@@ -21,6 +21,7 @@ caches). Like every fused kernel, no attention dropout.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import jax
@@ -116,8 +117,10 @@ def _kernel(query_length: int, key_length: int, heads: int, causal: bool,
             window: tuple[int, int] | None, *, interpret: bool) -> splash.SplashAttentionKernel:
     """The kernel for one static mask; lengths are whole blocks.
 
-    Built under `ensure_compile_time_eval`, so its block tables are concrete arrays, never
-    tracers of the jit trace that first asked for it, and the cached kernel serves every trace.
+    Built on a helper thread, outside every trace (JAX's trace state is per thread), so its
+    block tables are concrete arrays, never tracers of the trace that first asked for it, and
+    the cached kernel serves every trace. (`ensure_compile_time_eval` is not enough: inside
+    Flax's `nn.scan` init, e.g. `eval_shape` of a scanned model, it still yields tracers.)
     """
     shape = (query_length, key_length)
     if window is not None:
@@ -130,7 +133,7 @@ def _kernel(query_length: int, key_length: int, heads: int, causal: bool,
     bq, bkv = _block(query_length), _block(key_length)
     block_sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                     block_q_dq=bq, block_kv_dq=bkv)
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(splash.MultiHeadMask([static] * heads),
-                                      block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
-                                      interpret=interpret)
+    with ThreadPoolExecutor(1) as outside_traces:
+        return outside_traces.submit(
+            splash.make_splash_mha, splash.MultiHeadMask([static] * heads),
+            block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret).result()
