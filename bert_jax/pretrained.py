@@ -59,10 +59,10 @@ class PretrainedModel:
             raise BertJaxError(f"input has {ids.shape[-1]} tokens, more than "
                                f"{limit_field}={limit} in config.json")
         for name, size_field in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
-            if isinstance(inputs.get(name), np.ndarray) and inputs[name].size and \
-                    hasattr(c, size_field):
+            values = inputs.get(name)
+            if isinstance(values, np.ndarray) and values.size and hasattr(c, size_field):
                 size = getattr(c, size_field)
-                low, high = int(inputs[name].min()), int(inputs[name].max())
+                low, high = int(values.min()), int(values.max())
                 if low < 0 or high >= size:
                     raise BertJaxError(f"{name} contains {low if low < 0 else high}, outside "
                                        f"[0, {size}) ({size_field} in config.json)")
