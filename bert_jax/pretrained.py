@@ -18,7 +18,7 @@ from bert_jax.convert.weight_files import find_weights, read_state_dict
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.files import is_remote, local_copy
-from bert_jax.modeling.scan import stack_layers, unscanned, unstack_layers
+from bert_jax.modeling.scan import to_scanned, to_unrolled, unscanned
 from bert_jax.training import checkpointing
 
 # Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
@@ -80,9 +80,8 @@ class PretrainedModel:
             return hf_dir.save_hf_dir(self.config, self.params, out_dir,
                                       tokenizer_dir=self.source_dir, max_shard_bytes=max_shard_size)
         if format == "orbax":  # layers unrolled, as in HF dirs
-            params = unstack_layers(self.params) if self.config.scan_layers else self.params
-            return checkpointing.save_params(self.config, params, out_dir,
-                                             tokenizer_dir=self.source_dir)
+            return checkpointing.save_params(self.config, to_unrolled(self.config, self.params),
+                                             out_dir, tokenizer_dir=self.source_dir)
         raise BertJaxError(f"unknown format {format!r} (expected 'hf' or 'orbax')")
 
     def __repr__(self) -> str:
@@ -116,8 +115,7 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
         stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
         saved = checkpointing.load_params(model_dir, abstract_params(stored))
         if unscanned(config) == stored:  # no other head: the params as they are, maybe stacked
-            return PretrainedModel(config, stack_layers(saved) if config.scan_layers else saved,
-                                   model_dir)
+            return PretrainedModel(config, to_scanned(config, saved), model_dir)
         state_dict = hf_dir.hf_state_dict(stored, saved)
         source = str(model_dir / checkpointing.PARAMS_DIR)
     return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)

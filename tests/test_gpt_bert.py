@@ -25,7 +25,7 @@ TOL = 1e-4
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")
 
 
-def fixture_outputs(window_rule: str, expected_rule: str):
+def fixture_outputs(window_rule: str, expected_rule: str, **runtime):
     """(key, ours, expected) on non-padded positions for every key of an expected_*.npz."""
     inputs = np.load(FIXTURE / "inputs.npz")
     mask = inputs["attention_mask"]
@@ -34,7 +34,8 @@ def fixture_outputs(window_rule: str, expected_rule: str):
     for key in expected.files:
         head, field = key.split(".")
         if head not in models:
-            models[head] = bert_jax.from_pretrained(FIXTURE / head, window_rule=window_rule)
+            models[head] = bert_jax.from_pretrained(FIXTURE / head, window_rule=window_rule,
+                                                    **runtime)
         labels = {"labels": inputs["labels"]} if field == "loss" else {}
         ours = np.asarray(getattr(models[head](inputs["input_ids"], attention_mask=mask, **labels),
                                   field))
@@ -44,11 +45,13 @@ def fixture_outputs(window_rule: str, expected_rule: str):
         yield key, ours, ref
 
 
-@pytest.mark.parametrize("rule", ["exclusive", "inclusive"])
-def test_fixture_parity(rule):
-    """Every key of expected_<rule>_window.npz within 1e-4 (fp32, CPU)."""
+@pytest.mark.parametrize("rule,scan_layers", [("exclusive", False), ("inclusive", False),
+                                              ("exclusive", True)])
+def test_fixture_parity(rule, scan_layers):
+    """Every key of expected_<rule>_window.npz within 1e-4 (fp32, CPU), also with the layers
+    in one nn.scan (the fixture's 4 layers are one scan step of local_global_ratio 4)."""
     keys = []
-    for key, ours, ref in fixture_outputs(rule, rule):
+    for key, ours, ref in fixture_outputs(rule, rule, scan_layers=scan_layers):
         assert ours.shape == ref.shape, key
         np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0, err_msg=key)
         keys.append(key)

@@ -1,6 +1,6 @@
 """`scan_layers=True` (one nn.scan over the layer stack) computes what the unrolled layers do,
 reads and writes checkpoints in the unrolled layout and trains to the same losses; GPT-BERT
-refuses it."""
+scans groups of local_global_ratio layers."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from bert_jax import sharding
 from bert_jax.cli import main
 from bert_jax.convert.weight_files import read_state_dict
 from bert_jax.families import BERT, GPT_BERT
+from bert_jax.inference.generate import generate
+from bert_jax.modeling.gpt_bert import init_cache
 from bert_jax.modeling.scan import unstack_layers
 
-RECIPE = Path(__file__).parents[1] / "configs" / "tiny-mlm.yaml"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def flat(params) -> dict:
@@ -122,10 +124,97 @@ def test_a_fresh_scanned_model_starts_from_the_unrolled_weights():
         np.testing.assert_array_equal(restacked[key], value, err_msg=str(key))
 
 
-def test_gpt_bert_refuses_scan_layers():
-    config = bert_jax.preset("norbert4-tiny", scan_layers=True)
-    with pytest.raises(bert_jax.BertJaxError, match="scan_layers=true is not supported for GPT"):
-        GPT_BERT.abstract_variables(config)
+@pytest.fixture(scope="module")
+def gpt_bert_dir(tmp_path_factory):
+    """A tiny NorBERT 4 masked LM of 8 layers: two scan steps of 3 local layers and a global."""
+    config = dataclasses.replace(bert_jax.preset("norbert4-tiny"), num_layers=8)
+    path = tmp_path_factory.mktemp("norbert4")
+    bert_jax.PretrainedModel(config, GPT_BERT.init_params(config, seed=2)).save_pretrained(path)
+    return path
+
+
+def gpt_bert_outputs_and_grads(model):
+    """(logits, hidden states, unrolled gradients) of the MLM loss on padded rows of 40 tokens,
+    longer than the local window (8) and the global one (24)."""
+    batch = example_batch(length=40)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
+
+    def loss(params):
+        out = model.module.apply({"params": params}, **inputs, labels=labels,
+                                 output_hidden_states=True)
+        return out.loss, (out.logits, out.hidden_states)
+
+    (_, (logits, hidden_states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        model.params)
+    return logits, hidden_states, flat(unstack_layers(grads) if model.config.scan_layers else grads)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_gpt_bert_scanned_equals_unrolled(gpt_bert_dir, remat):
+    """Scanned in groups of local_global_ratio layers (windows and RoPE thetas static per
+    group member, the first layer's value residual a run-time flag), GPT-BERT computes what
+    its unrolled layers do, gradients included."""
+    logits, hidden_states, grads = gpt_bert_outputs_and_grads(bert_jax.from_pretrained(gpt_bert_dir))
+    scanned = bert_jax.from_pretrained(gpt_bert_dir, scan_layers=True, remat=remat)
+    layers = scanned.params["model"]["layers"]
+    assert sorted(layers) == ["layer_0", "layer_1", "layer_2", "layer_3"]
+    assert layers["layer_3"]["attention"]["qk_proj"]["query"].shape[0] == 2  # stacked over steps
+    got_logits, got_hidden_states, got_grads = gpt_bert_outputs_and_grads(scanned)
+    np.testing.assert_allclose(got_logits, logits, atol=1e-5, rtol=0)
+    assert len(got_hidden_states) == len(hidden_states) == 9  # embeddings + 8 layers
+    for got, want in zip(got_hidden_states, hidden_states):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    assert got_grads.keys() == grads.keys()
+    for key, value in grads.items():
+        np.testing.assert_allclose(got_grads[key], value, atol=1e-5, rtol=1e-4, err_msg=key)
+
+
+def test_gpt_bert_scanned_checkpoints_and_generation(gpt_bert_dir, tmp_path):
+    """A scanned GPT-BERT writes the files the unrolled one does, and generates the same
+    tokens (decoding unrolls it: the cache is per layer)."""
+    unrolled = bert_jax.from_pretrained(gpt_bert_dir)
+    scanned = bert_jax.from_pretrained(gpt_bert_dir, scan_layers=True)
+    scanned.save_pretrained(tmp_path / "from_scanned")
+    written, source = read_state_dict(tmp_path / "from_scanned"), read_state_dict(gpt_bert_dir)
+    assert written.keys() == source.keys()
+    assert all(np.array_equal(written[k], source[k]) for k in source)
+    scanned.save_pretrained(tmp_path / "orbax", format="orbax")
+    rescanned = bert_jax.from_pretrained(tmp_path / "orbax", scan_layers=True)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rescanned.params),
+                                                    jax.tree.leaves(scanned.params)))
+
+    prompts = [[1, 17, 42, 99], [1, 5, 6]]
+    assert generate(scanned, prompts, max_new_tokens=6) == generate(unrolled, prompts,
+                                                                     max_new_tokens=6)
+    with pytest.raises(bert_jax.BertJaxError, match="past_key_values needs the unrolled layers"):
+        causal = scanned.config.with_head("ForCausalLM")
+        GPT_BERT.build_module(causal).apply({"params": scanned.params}, np.ones((1, 3), np.int32),
+                                            position_ids=np.arange(3)[None],
+                                            past_key_values=init_cache(causal, 1, 8))
+
+
+def test_gpt_bert_scan_needs_whole_groups():
+    with pytest.raises(bert_jax.BertJaxError,
+                       match=r"num_layers \(6\) to be a multiple of local_global_ratio \(4\)"):
+        dataclasses.replace(bert_jax.preset("norbert4-tiny"), num_layers=6, scan_layers=True)
+    # shapes for checkpoint checks still come from the unrolled model
+    config = dataclasses.replace(bert_jax.preset("norbert4-tiny"), num_layers=6)
+    assert "layer_5" in GPT_BERT.unrolled_abstract_params(config)["model"]
+
+
+def pretrain_losses(recipe: str, corpus: Path, run: Path, scan: str, *overrides: str) -> list:
+    """The logged losses of 4 pretraining steps of `configs/<recipe>` with `model.scan_layers`."""
+    args = ["pretrain", "--config", str(CONFIGS / recipe), "--tokenizer", str(corpus / "tok"),
+            "--quiet"]
+    for item in (f"data.train={corpus / 'train'}", "data.eval=null", f"train.output_dir={run}",
+                 "train.steps=4", "train.log_every=1", "train.save_every=4",
+                 "optimizer.total_steps=4", "optimizer.warmup_steps=1",
+                 f"model.scan_layers={scan}", *overrides):
+        args += ["--set", item]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 @pytest.mark.slow
@@ -136,21 +225,11 @@ def test_pretraining_scanned_gives_the_same_losses(corpus, tmp_path):
     source = save_hf_model(make_hf_model("bert", "ForMaskedLM", vocab_size=len(vocab),
                                          max_position_embeddings=128, hidden_dropout_prob=0.0,
                                          attention_probs_dropout_prob=0.0), tmp_path / "source")
-    losses = {}
-    for scan in ("false", "true"):
-        run = tmp_path / f"scan_{scan}"
-        args = ["pretrain", "--config", str(RECIPE), "--tokenizer", str(corpus / "tok"), "--quiet"]
-        for item in (f"data.train={corpus / 'train'}", "data.eval=null",
-                     f"train.output_dir={run}", "train.steps=4", "train.log_every=1",
-                     "train.save_every=4",
-                     "optimizer.total_steps=4", "optimizer.warmup_steps=1",
-                     f"model.init_from={source}", "model.preset=null", "data.nsp=false",
-                     f"model.scan_layers={scan}",
-                     f"train.compilation_cache_dir={tmp_path / 'cache'}"):
-            args += ["--set", item]
-        assert main(args) == 0
-        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        losses[scan] = [r["loss"] for r in records if "loss" in r]
+    losses = {scan: pretrain_losses("tiny-mlm.yaml", corpus, tmp_path / f"scan_{scan}", scan,
+                                    f"model.init_from={source}", "model.preset=null",
+                                    "data.nsp=false",
+                                    f"train.compilation_cache_dir={tmp_path / 'cache'}")
+              for scan in ("false", "true")}
     assert len(losses["true"]) == 4
     np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5)
     assert any((tmp_path / "cache").iterdir())  # the train step went to the persistent cache
@@ -162,3 +241,16 @@ def test_pretraining_scanned_gives_the_same_losses(corpus, tmp_path):
     assert exported.keys() == at_end.keys() == unrolled_export.keys()
     assert all(np.array_equal(exported[k], at_end[k]) for k in at_end)
     transformers.BertForMaskedLM.from_pretrained(run / "hf")
+
+
+@pytest.mark.slow
+def test_gpt_bert_pretraining_scanned_gives_the_same_losses(corpus, tmp_path):
+    """NorBERT 4 tiny from scratch: a fresh scanned model starts from the unrolled weights, and
+    trains to the same losses (its only dropout, on the embedding, sits outside the layers)."""
+    losses = {scan: pretrain_losses("tiny-norbert4-mlm.yaml", corpus, tmp_path / f"scan_{scan}",
+                                    scan, "data.max_seq_length=32", "data.global_batch_size=8")
+              for scan in ("false", "true")}
+    assert len(losses["true"]) == 4
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-5)
+    assert read_state_dict(tmp_path / "scan_true" / "hf").keys() == read_state_dict(
+        tmp_path / "scan_false" / "hf").keys()

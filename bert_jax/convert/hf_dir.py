@@ -23,7 +23,7 @@ from bert_jax.convert.weight_files import find_weights, read_state_dict, write_s
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of, family_of_config
 from bert_jax.files import atomic_directory, copy_tokenizer_files, read_json
-from bert_jax.modeling.scan import stack_layers, unscanned, unstack_layers
+from bert_jax.modeling.scan import to_scanned, to_unrolled, unscanned
 
 logger = logging.getLogger("bert_jax")
 
@@ -63,7 +63,8 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
     unrolled.
     """
     if config.scan_layers:
-        return stack_layers(params_from_hf(unscanned(config), state_dict, source, seed, on_device))
+        return to_scanned(config, params_from_hf(unscanned(config), state_dict, source, seed,
+                                                 on_device))
     family = family_of_config(config)
     table = family.mapping
     state_dict = table.canonical_state_dict(state_dict, source)
@@ -96,7 +97,7 @@ def param_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
 def hf_state_dict(config, params, dtype=None) -> dict[str, np.ndarray]:
     """The tensors of an HF checkpoint, keyed as `transformers` saves them."""
     if config.scan_layers:
-        return hf_state_dict(unscanned(config), unstack_layers(params), dtype)
+        return hf_state_dict(unscanned(config), to_unrolled(config, params), dtype)
     table = family_of_config(config).mapping
     tensors = mapping.state_dict_from_params(table.rules(config), traverse_util.flatten_dict(params),
                                              dtype)

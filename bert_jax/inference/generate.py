@@ -17,6 +17,7 @@ import numpy as np
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert import init_cache
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
+from bert_jax.modeling.scan import to_unrolled, unscanned
 from bert_jax.pretrained import PretrainedModel
 
 
@@ -39,14 +40,16 @@ class Sampling:
 
 
 def causal_model(model: PretrainedModel) -> PretrainedModel:
-    """The same GPT-BERT weights in causal mode (NorBERT 4 ships them as a masked LM)."""
+    """The same GPT-BERT weights in causal mode (NorBERT 4 ships them as a masked LM), with
+    the layers unrolled: decoding keeps a per-layer cache."""
     config = model.config
     if not isinstance(config, GptBertConfig) or config.head not in ("ForMaskedLM", "ForCausalLM"):
         raise BertJaxError(f"generation needs a GPT-BERT language model, but the model is "
                            f"{config.architecture}")
-    if config.head == "ForCausalLM":
+    if config.head == "ForCausalLM" and not config.scan_layers:
         return model
-    return PretrainedModel(config.with_head("ForCausalLM"), model.params, model.source_dir)
+    return PretrainedModel(unscanned(config).with_head("ForCausalLM"),
+                           to_unrolled(config, model.params), model.source_dir)
 
 
 def generate(model: PretrainedModel, prompts: list[list[int]], max_new_tokens: int = 32, *,

@@ -58,6 +58,16 @@ class ModelConfig:
         raise NotImplementedError
 
     @property
+    def layers_per_scan_step(self) -> int:
+        """How many consecutive layers one `nn.scan` step runs (`scan_layers`)."""
+        return 1
+
+    @property
+    def scannable(self) -> bool:
+        """Whether the layer stack splits into `nn.scan` steps of `layers_per_scan_step`."""
+        return True
+
+    @property
     def architecture(self) -> str:
         return self.architectures[0]
 

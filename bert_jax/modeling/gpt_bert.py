@@ -20,6 +20,7 @@ from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
 from bert_jax.modeling.heads import at_positions, segment_classification_loss
 from bert_jax.modeling.layers import constrain_hidden, merge_choices, remat_layer
+from bert_jax.modeling.scan import LAYERS, scan_layers
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
 
 
@@ -95,10 +96,15 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, value_in_BTD, qk_in_BTD, first_value_BTNH, positions_BT,
-                 mask: AttentionMask, deterministic: bool, cache: dict | None = None):
+                 mask: AttentionMask, deterministic: bool, cache: dict | None = None,
+                 is_first=None):
         """Returns the attention output, the first layer's values (for the value residual)
         and the updated cache (when decoding with one). `mask` is the model's (padding,
-        segments, causal); this layer adds its window."""
+        segments, causal); this layer adds its window.
+
+        first_value_BTNH: None in the first layer when unrolled. Scanned layers get an array
+            and `is_first`, a traced bool saying whether this is the first layer after all.
+        """
         c, eps = self.config, self.config.layer_norm_eps
         n, dqk, dv = c.num_attention_heads, c.query_key_head_size, c.value_head_size
         q_BTNH, k_BTNH = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c,
@@ -115,7 +121,11 @@ class SelfAttention(nn.Module):
         if first_value_BTNH is None:
             first_value_BTNH = v_BTNH
         else:
-            v_BTNH = ((1.0 - alpha) * v_BTNH + alpha * first_value_BTNH).astype(c.dtype)
+            mixed_BTNH = ((1.0 - alpha) * v_BTNH + alpha * first_value_BTNH).astype(c.dtype)
+            if is_first is not None:
+                first_value_BTNH = jnp.where(is_first, v_BTNH, first_value_BTNH)
+                mixed_BTNH = jnp.where(is_first, v_BTNH, mixed_BTNH)
+            v_BTNH = mixed_BTNH
         theta = c.rope_theta(self.layer)
         q_BTNH, k_BTNH = rope(q_BTNH, positions_BT, theta), rope(k_BTNH, positions_BT, theta)
 
@@ -197,7 +207,8 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, h_BTD, emb_BTD, first_value, positions_BT, mask, deterministic,
-                 cache=None):
+                 cache=None, is_first=None):
+        """`is_first`: see `SelfAttention`."""
         c = self.config
         lam = self.param("lambdas", nn.with_logical_partitioning(
             lambda key, shape, dtype: jnp.array([0, 0, 1, 0, 1, 0], dtype), ("lambdas",)),
@@ -207,11 +218,36 @@ class Layer(nn.Module):
             return ((1.0 - weight) * h_BTD + weight * emb_BTD).astype(c.dtype)
 
         attn_BTD, first_value, cache = SelfAttention(c, self.layer, name="attention")(
-            mix(lam[0]), mix(lam[1]), first_value, positions_BT, mask, deterministic, cache)
+            mix(lam[0]), mix(lam[1]), first_value, positions_BT, mask, deterministic, cache,
+            is_first)
         mlp_in = jax.nn.softplus(lam[2]) * mix(lam[3]) + attn_BTD
         mlp_out = FeedForward(c, name="mlp")(mlp_in.astype(c.dtype), deterministic)
         h_BTD = jax.nn.softplus(lam[4]) * mix(lam[5]) + attn_BTD + mlp_out
         return h_BTD.astype(c.dtype), first_value, cache
+
+
+class LayerGroup(nn.Module):
+    """One step of the scanned layer stack: `layers_per_scan_step` consecutive layers, the
+    local ones and the global one after them, as `layer_0` .. (their windows and RoPE thetas
+    are those of the model's first group). The value-residual source is a run-time flag."""
+
+    config: GptBertConfig
+
+    @nn.compact
+    def __call__(self, h_BTD, emb_BTD, first_value_BTNH, is_first, positions_BT, mask,
+                 deterministic):
+        """Returns the new residual stream, the value-residual source and the group's layer
+        outputs stacked `[layers_per_scan_step, B, T, D]`."""
+        c = self.config
+        layer_cls = remat_layer(Layer, c.remat, static_argnums=(6,), scanned=True)
+        outputs = []
+        for j in range(c.layers_per_scan_step):
+            h_BTD, first_value_BTNH, _ = layer_cls(c, j, name=f"layer_{j}")(
+                h_BTD, emb_BTD, first_value_BTNH, positions_BT, mask, deterministic, None,
+                is_first if j == 0 else None)
+            h_BTD = constrain_hidden(h_BTD)
+            outputs.append(h_BTD)
+        return h_BTD, first_value_BTNH, jnp.stack(outputs)
 
 
 class GptBertModel(nn.Module):
@@ -247,10 +283,14 @@ class GptBertModel(nn.Module):
         mask = AttentionMask(key_padding_BS=attention_mask, query_segment_ids_BT=segment_ids,
                              key_segment_ids_BS=segment_ids, causal_rows_B=causal_rows,
                              causal=c.is_causal and causal_rows is None)
-        if c.scan_layers:  # nn.scan needs identical layers, with static windows in the kernels
-            raise BertJaxError("scan_layers=true is not supported for GPT-BERT: its layers differ "
-                               "statically (window and RoPE theta per layer, the first layer is "
-                               "the value-residual source); leave scan_layers false")
+        if c.scan_layers:
+            if past_key_values is not None:
+                raise BertJaxError("decoding with past_key_values needs the unrolled layers: "
+                                   "load the model with scan_layers=false")
+            h_BTD, hidden_LBTD = self._scanned_layers(emb_BTD, position_ids, mask, deterministic,
+                                                      output_hidden_states)
+            return BaseModelOutput(last_hidden_state=h_BTD, hidden_states=(
+                (emb_BTD, *hidden_LBTD) if output_hidden_states else None))
         h_BTD, first_value, hidden_states, caches = emb_BTD, None, [emb_BTD], []
         layer_cls = remat_layer(Layer, c.remat, static_argnums=(6,))  # deterministic
         for i in range(c.num_layers):
@@ -269,6 +309,27 @@ class GptBertModel(nn.Module):
         return BaseModelOutput(last_hidden_state=h_BTD,
                                hidden_states=tuple(hidden_states) if output_hidden_states else None,
                                past_key_values=new_cache)
+
+    def _scanned_layers(self, emb_BTD, positions_BT, mask, deterministic, output_hidden_states):
+        """The layer stack as one `nn.scan` over `LayerGroup`s: (last hidden state, every
+        layer's output `[L, B, T, D]` if `output_hidden_states`, else None)."""
+        c = self.config
+        b, t = emb_BTD.shape[:2]
+        first_value_BTNH = jnp.zeros((b, t, c.num_attention_heads, c.value_head_size), c.dtype)
+
+        def step(group, carry, emb_BTD, positions_BT, mask):
+            h_BTD, first_value_BTNH, index = carry
+            h_BTD, first_value_BTNH, outputs_GBTD = group(
+                h_BTD, emb_BTD, first_value_BTNH, index == 0, positions_BT, mask, deterministic)
+            return (h_BTD, first_value_BTNH, index + 1), (outputs_GBTD if output_hidden_states
+                                                          else None)
+
+        (h_BTD, _, _), outputs_SGBTD = scan_layers(
+            step, LayerGroup(c, name=LAYERS), (emb_BTD, first_value_BTNH, jnp.int32(0)),
+            emb_BTD, positions_BT, mask, length=c.num_layers // c.layers_per_scan_step)
+        if not output_hidden_states:
+            return h_BTD, None
+        return h_BTD, outputs_SGBTD.reshape((c.num_layers,) + outputs_SGBTD.shape[2:])
 
 
 class Classifier(nn.Module):

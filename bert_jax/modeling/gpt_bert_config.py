@@ -67,6 +67,11 @@ class GptBertConfig(ModelConfig):
     def __post_init__(self):
         if self.window_rule not in ("exclusive", "inclusive"):
             raise BertJaxError(f"window_rule {self.window_rule!r} is not 'exclusive' or 'inclusive'")
+        if self.scan_layers and not self.scannable:
+            raise BertJaxError(f"scan_layers=true needs num_layers ({self.num_layers}) to be a "
+                               f"multiple of local_global_ratio ({self.local_global_ratio}): "
+                               f"each scan step runs local layers and the global one after "
+                               f"them; leave scan_layers false")
         super().__post_init__()
 
     @property
@@ -80,6 +85,16 @@ class GptBertConfig(ModelConfig):
     @property
     def is_causal(self) -> bool:
         return self.head == "ForCausalLM"
+
+    @property
+    def layers_per_scan_step(self) -> int:
+        """A group of local layers and the global one after them: layer j of every group has
+        the same window and RoPE theta, so the groups are one program."""
+        return self.local_global_ratio
+
+    @property
+    def scannable(self) -> bool:
+        return self.num_layers % self.local_global_ratio == 0
 
     def is_global(self, layer: int) -> bool:
         return (layer + 1) % self.local_global_ratio == 0

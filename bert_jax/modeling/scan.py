@@ -41,22 +41,47 @@ def unscanned(config):
     return dataclasses.replace(config, scan_layers=False) if config.scan_layers else config
 
 
-def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+def stack_layers(params: dict[str, Any], per_step: int = 1) -> dict[str, Any]:
     """Unrolled -> scanned: the `layer_0` .. `layer_{n-1}` subtrees (wherever they sit) become
-    one `layers` subtree whose leaves carry the layer index as their leading axis."""
+    one `layers` subtree whose leaves carry the scan step as their leading axis.
+
+    per_step: layers per scan step (`config.layers_per_scan_step`). Above 1 the `layers`
+        subtree holds `layer_0` .. `layer_{per_step-1}`, each stacked over the steps: layer i
+        is member `i % per_step` of step `i // per_step`.
+    """
     if "layer_0" not in params:
-        return {k: stack_layers(v) if isinstance(v, dict) else v for k, v in params.items()}
-    names = [f"layer_{i}" for i in range(sum(_LAYER.fullmatch(k) is not None for k in params))]
-    rest = {k: v for k, v in params.items() if k not in names}
-    return {**rest, LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[n] for n in names))}
+        return {k: stack_layers(v, per_step) if isinstance(v, dict) else v
+                for k, v in params.items()}
+    num_layers = sum(_LAYER.fullmatch(k) is not None for k in params)
+    rest = {k: v for k, v in params.items() if _LAYER.fullmatch(k) is None}
+
+    def stacked(indices):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layer_{i}"] for i in indices))
+
+    if per_step == 1:
+        return {**rest, LAYERS: stacked(range(num_layers))}
+    return {**rest, LAYERS: {f"layer_{j}": stacked(range(j, num_layers, per_step))
+                             for j in range(per_step)}}
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
-    """Scanned -> unrolled: the inverse of `stack_layers`."""
+    """Scanned -> unrolled: the inverse of `stack_layers` (its `per_step` read from the tree)."""
     if LAYERS not in params:
         return {k: unstack_layers(v) if isinstance(v, dict) else v for k, v in params.items()}
     stacked = params[LAYERS]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    members = ([stacked[f"layer_{j}"] for j in range(len(stacked))] if "layer_0" in stacked
+               else [stacked])
+    steps = jax.tree.leaves(members[0])[0].shape[0]
     rest = {k: v for k, v in params.items() if k != LAYERS}
-    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x: x[i], stacked)
-                       for i in range(num_layers)}}
+    return {**rest, **{f"layer_{step * len(members) + j}": jax.tree.map(lambda x: x[step], member)
+                       for step in range(steps) for j, member in enumerate(members)}}
+
+
+def to_scanned(config, params: dict[str, Any]) -> dict[str, Any]:
+    """Params in the layout `config`'s modules take, from the unrolled (file) layout."""
+    return stack_layers(params, config.layers_per_scan_step) if config.scan_layers else params
+
+
+def to_unrolled(config, params: dict[str, Any]) -> dict[str, Any]:
+    """`config`'s params in the unrolled layout that files hold."""
+    return unstack_layers(params) if config.scan_layers else params
