@@ -23,9 +23,11 @@ CORPUS = [
     "The river flows through the city.",
     "She reads a book in the library.",
 ]
+
+
 def run_demo(out: Path) -> None:
     tokenizer_dir = out / "tokenizer"
-    train_wordpiece(CORPUS, tokenizer_dir, vocab_size=200, min_frequency=1)
+    train_wordpiece(CORPUS, tokenizer_dir, vocab_size=200, min_frequency=1, show_progress=False)
     vocab_size = load_tokenizer(tokenizer_dir).backend.get_vocab_size()
     config = preset("tiny", vocab_size=vocab_size)
     model = PretrainedModel(config, BERT.init_params(config, seed=0), tokenizer_dir)

@@ -39,13 +39,14 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 30522,
                     lowercase: bool = False, min_frequency: int = 2,
-                    overwrite: bool = True) -> Path:
+                    overwrite: bool = True, show_progress: bool = True) -> Path:
     """Train on `texts` (any iterable of strings, e.g. the lines of a corpus) and save."""
     _check_vocab_size(vocab_size)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         tokenizer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase or None)
         tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=list(SPECIAL_TOKENS.values()))
+                                      special_tokens=list(SPECIAL_TOKENS.values()),
+                                      show_progress=show_progress)
         if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
             raise BertJaxError("no text to train the tokenizer on")
         _add_cls_sep(tokenizer)
