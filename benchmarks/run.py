@@ -3,8 +3,11 @@
     python -m benchmarks.run --suite cpu|gpu|tpu [--model NAME ...] [--json OUT] [--quick]
                              [--workload forward|variable|train ...] [--compile]
                              [--gpt-bert-code DIR]
+    python -m benchmarks.run --show OUT
 
-Prints one markdown table and writes JSON (machine, date, versions, command, rows). Each
+Prints one markdown table and writes JSON (machine, date, versions, command, rows). The JSON is
+rewritten after every row, so a run stopped by a time limit keeps the rows it finished;
+`--show` prints the table of such a file. Each
 model (a preset, random weights, nothing downloaded) runs the suite's workloads:
 - forward: MLM inference forward, every token real;
 - variable: MLM inference over rows of lengths drawn uniformly from 32 to the longest; bert_jax
@@ -32,11 +35,13 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -46,6 +51,7 @@ from benchmarks.timing import timings
 from bert_jax.data.masking import IGNORE_INDEX, masked_positions
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
+from bert_jax.files import read_json
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training import flops
@@ -207,21 +213,19 @@ def run_workload(name: str, workload: Workload, config, params, hf_dir: Path, su
     return row
 
 
-def run_model(name: str, suite: Suite, gpt_bert_code: Path | None = None) -> list[dict]:
-    """Every workload of `suite` on one model, bert_jax and its peers on the same weights."""
+def run_model(name: str, suite: Suite, gpt_bert_code: Path | None = None) -> Iterator[dict]:
+    """Every workload's row of `suite` on one model, bert_jax and its peers on the same
+    weights, each as soon as it is measured."""
     config = preset(name, dtype=suite.dtype).with_head("ForMaskedLM")
     params = family_of_config(config).init_params(config)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         if suite.peers:
             PretrainedModel(config, params).save_pretrained(hf_dir)
         for workload in suite.workloads:
             workload = workload.capped(config.max_length[1])
-            rows.append(run_workload(name, workload, config, params, hf_dir, suite,
-                                     gpt_bert_code))
+            yield run_workload(name, workload, config, params, hf_dir, suite, gpt_bert_code)
             print(f"done: {name} {workload.kind} {workload.shape}", file=sys.stderr, flush=True)
-    return rows
 
 
 def environment() -> dict:
@@ -283,8 +287,9 @@ def table(result: dict) -> str:
 
 def run(suite_name: str, models=None, workloads=None, quick: bool = False,
         compile_on_cpu: bool = False, gpt_bert_code: Path | None = None,
-        command: str = "") -> dict:
-    """The suite's rows (every model x workload) with the machine, date and versions."""
+        command: str = "", on_row: Callable[[dict], None] = lambda result: None) -> dict:
+    """The suite's rows (every model x workload) with the machine, date and versions;
+    `on_row(result)` sees the result so far after every row."""
     suite = SUITES[suite_name]
     if workloads:
         suite = dataclasses.replace(suite, workloads=tuple(
@@ -299,17 +304,30 @@ def run(suite_name: str, models=None, workloads=None, quick: bool = False,
     if compile_on_cpu and "compile" not in peers:
         peers += ("compile",)
     suite = dataclasses.replace(suite, peers=peers)
-    rows = [row for name in (models or suite.models)
-            for row in run_model(name, suite, gpt_bert_code)]
-    return {"suite": suite_name, "command": command, **environment(),
-            "settings": dataclasses.asdict(suite) | {"models": list(models or suite.models)},
-            "rows": rows}
+    result = {"suite": suite_name, "command": command, **environment(),
+              "settings": dataclasses.asdict(suite) | {"models": list(models or suite.models)},
+              "rows": []}
+    for name in models or suite.models:
+        for row in run_model(name, suite, gpt_bert_code):
+            result["rows"].append(row)
+            on_row(result)
+    return result
+
+
+def write_json(result: dict, path: Path) -> None:
+    """Replace `path` whole (written beside it, then renamed): never a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--suite", choices=sorted(SUITES))
+    what.add_argument("--show", type=Path, metavar="OUT",
+                      help="print the table of a result file (a finished or a stopped run)")
     parser.add_argument("--model", action="append", metavar="NAME",
                         help="a preset (repeatable); default: the suite's models")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
@@ -324,15 +342,23 @@ def main(argv=None) -> int:
                              "configuration_gptbert.py: the PyTorch peer of GPT-BERT models")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def save(partial: dict) -> None:
+        if args.json:
+            write_json(partial, args.json)
+
     try:
-        result = run(args.suite, args.model, args.workload, args.quick, args.compile,
-                     args.gpt_bert_code, command)
+        if args.show:
+            result = read_json(args.show)
+            if not {"machine", "versions", "rows"} <= set(result):
+                raise BertJaxError(f"{args.show}: not a result of python -m benchmarks.run")
+        else:
+            result = run(args.suite, args.model, args.workload, args.quick, args.compile,
+                         args.gpt_bert_code, command, on_row=save)
     except BertJaxError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

