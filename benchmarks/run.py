@@ -1,8 +1,9 @@
 """bert_jax against Hugging Face PyTorch on the same weights, inputs, dtype and batch, in one run.
 
     python -m benchmarks.run --suite cpu|gpu|tpu [--model NAME ...] [--json OUT] [--quick]
-                             [--workload forward|variable|train ...] [--compile]
-                             [--gpt-bert-code DIR]
+                             [--workload forward|variable|train ...]
+                             [--backend reference|jax|cudnn|splash ...]
+                             [--peer eager|sdpa|compile ...] [--gpt-bert-code DIR]
     python -m benchmarks.run --show OUT
 
 Prints one markdown table and writes JSON (machine, date, versions, command, rows). The JSON is
@@ -52,6 +53,7 @@ from bert_jax.data.masking import IGNORE_INDEX, masked_positions
 from bert_jax.errors import BertJaxError
 from bert_jax.families import family_of_config
 from bert_jax.files import read_json
+from bert_jax.modeling.config import ATTENTION_BACKENDS
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training import flops
@@ -285,11 +287,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(suite_name: str, models=None, workloads=None, quick: bool = False,
-        compile_on_cpu: bool = False, gpt_bert_code: Path | None = None,
-        command: str = "", on_row: Callable[[dict], None] = lambda result: None) -> dict:
+def run(suite_name: str, models=None, workloads=None, quick: bool = False, backends=None,
+        peers=None, gpt_bert_code: Path | None = None, command: str = "",
+        on_row: Callable[[dict], None] = lambda result: None) -> dict:
     """The suite's rows (every model x workload) with the machine, date and versions;
-    `on_row(result)` sees the result so far after every row."""
+    `on_row(result)` sees the result so far after every row. `backends` / `peers` replace the
+    suite's bert_jax attention backends / PyTorch implementations (the CPU suite leaves
+    torch.compile out unless `peers` names it: it compiles slowly there)."""
     suite = SUITES[suite_name]
     if workloads:
         suite = dataclasses.replace(suite, workloads=tuple(
@@ -300,10 +304,10 @@ def run(suite_name: str, models=None, workloads=None, quick: bool = False,
             for w in suite.workloads))
     for name in models or ():
         preset(name)  # an unknown name fails before anything runs
-    peers = tuple(p for p in suite.peers if p != "compile" or peer.device() == "cuda")
-    if compile_on_cpu and "compile" not in peers:
-        peers += ("compile",)
-    suite = dataclasses.replace(suite, peers=peers)
+    if peers is None:
+        peers = [p for p in suite.peers if p != "compile" or peer.device() == "cuda"]
+    suite = dataclasses.replace(suite, backends=tuple(backends or suite.backends),
+                                peers=tuple(peers))
     result = {"suite": suite_name, "command": command, **environment(),
               "settings": dataclasses.asdict(suite) | {"models": list(models or suite.models)},
               "rows": []}
@@ -335,8 +339,12 @@ def main(argv=None) -> int:
                         help="only these workloads (repeatable); default: all")
     parser.add_argument("--quick", action="store_true",
                         help="1 warm-up and 2 timed calls, a smaller variable-length set")
-    parser.add_argument("--compile", action="store_true",
-                        help="add the torch.compile peer on the CPU too (slow to compile)")
+    parser.add_argument("--backend", action="append", choices=ATTENTION_BACKENDS,
+                        help="only these bert_jax attention backends (repeatable); default: "
+                             "the suite's")
+    parser.add_argument("--peer", action="append", choices=peer.IMPLEMENTATIONS,
+                        help="only these PyTorch implementations (repeatable); default: the "
+                             "suite's (on the CPU without compile, slow to compile there)")
     parser.add_argument("--gpt-bert-code", type=Path, metavar="DIR",
                         help="a local copy of NorBERT 4's modeling_gptbert.py and "
                              "configuration_gptbert.py: the PyTorch peer of GPT-BERT models")
@@ -353,8 +361,8 @@ def main(argv=None) -> int:
             if not {"machine", "versions", "rows"} <= set(result):
                 raise BertJaxError(f"{args.show}: not a result of python -m benchmarks.run")
         else:
-            result = run(args.suite, args.model, args.workload, args.quick, args.compile,
-                         args.gpt_bert_code, command, on_row=save)
+            result = run(args.suite, args.model, args.workload, args.quick, args.backend,
+                         args.peer, args.gpt_bert_code, command, on_row=save)
     except BertJaxError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1

@@ -89,7 +89,7 @@ def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch, capsys):
     """A device call that hits its time limit kills the suite mid-way: the JSON holds every
     row finished before, and `--show` prints their table."""
     monkeypatch.setitem(run.SUITES, "cpu", dataclasses.replace(
-        TINY_SUITE, workloads=TINY_SUITE.workloads[:1] * 2, peers=("sdpa",)))
+        TINY_SUITE, workloads=TINY_SUITE.workloads[:1] * 2))
     finished = []
     measure = run.run_workload
 
@@ -102,12 +102,12 @@ def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "run_workload", killed_on_the_second_row)
     out = tmp_path / "result.json"
     with pytest.raises(KeyboardInterrupt):
-        run.main(["--suite", "cpu", "--model", "tiny", "--json", str(out)])
+        run.main(["--suite", "cpu", "--model", "tiny", "--peer", "sdpa", "--json", str(out)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(finished))
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no partial file left
     capsys.readouterr()
     assert run.main(["--show", str(out)]) == 0
-    assert capsys.readouterr().out.count("| tiny | forward |") == 2  # ours and sdpa
+    assert capsys.readouterr().out.count("| tiny | forward |") == 2  # ours and --peer sdpa
 
 
 def test_show_rejects_other_files(tmp_path, capsys):
