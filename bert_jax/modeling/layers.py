@@ -8,6 +8,7 @@ stacked axis of scanned layers); on activations "batch", "length" and "act_embed
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -64,12 +65,14 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, std: float, dty
     """A DenseGeneral whose kernel has logical `axes` (inputs first) and a zero bias.
 
     Kernels keep the head axes unflattened ([embed, heads, kv] for q/k/v, [heads, kv, embed]
-    for the output projection) so tensor parallelism can shard heads.
+    for the output projection) so tensor parallelism can shard heads; the product itself runs
+    on their 2-D views (`_matmul`).
     """
     n_out = 1 if isinstance(features, int) else len(features)
     return nn.DenseGeneral(
         features=features,
         axis=in_axes,
+        dot_general=_matmul,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -77,6 +80,24 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, std: float, dty
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes[-n_out:])),
         name=name,
     )
+
+
+def _matmul(x, kernel, dimension_numbers, precision=None):
+    """DenseGeneral's contraction of x's trailing axes with the kernel's leading ones, as one
+    [rows, in] @ [in, out] matmul between reshapes (free: the layouts already agree).
+
+    The same arithmetic as `lax.dot_general`, but XLA:CPU's backward of a 3-D kernel's
+    contraction copied a transposed kernel for every q/k/v/out projection and step; on the 2-D
+    view the transpose is a matmul flag. BERT-base's CPU train step: 4.0 s -> 3.65 s.
+    """
+    (x_axes, kernel_axes), batch_axes = dimension_numbers
+    n = len(x_axes)
+    trailing, leading = tuple(range(x.ndim - n, x.ndim)), tuple(range(n))
+    if tuple(x_axes) != trailing or tuple(kernel_axes) != leading or any(batch_axes):
+        raise ValueError(f"not a dense layer's contraction: {dimension_numbers}")
+    n_in = math.prod(kernel.shape[:n])
+    y = jnp.matmul(x.reshape(-1, n_in), kernel.reshape(n_in, -1), precision=precision)
+    return y.reshape(*x.shape[:-n], *kernel.shape[n:])
 
 
 def layer_norm(epsilon: float, *, param_dtype, name: str) -> nn.LayerNorm:
