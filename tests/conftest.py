@@ -24,6 +24,8 @@ HEADS = ("Model", "ForPreTraining", "ForMaskedLM", "ForNextSentencePrediction",
          "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
          "ForMultipleChoice")
 VOCAB = 99
+# NorBERT 4 reference outputs with tiny random weights (see its README).
+NORBERT4_TINY = Path(__file__).resolve().parent / "fixtures" / "norbert4-tiny"
 
 
 def make_hf_model(model_type: str = "bert", head: str = "ForMaskedLM", seed: int = 0, **overrides):

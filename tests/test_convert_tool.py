@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_hf_model, save_hf_model, torch, transformers
+from conftest import NORBERT4_TINY, make_hf_model, save_hf_model, torch, transformers
 from safetensors.numpy import save_file
 
 import bert_jax
@@ -21,7 +21,6 @@ from bert_jax.convert.verify import random_inputs, verify
 from bert_jax.convert.weight_files import SAFETENSORS_INDEX, read_state_dict
 from bert_jax.training.checkpointing import params_metadata
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
 PREFIX = {"bert": "Bert", "megatron-bert": "MegatronBert"}
 
 
@@ -192,7 +191,7 @@ def test_verify_without_torch_compares_bert_jax_on_both_sides(tmp_path, monkeypa
 def test_verify_gpt_bert_runs_bert_jax_on_both_sides(tmp_path):
     """No remote code: GPT-BERT is checked bert_jax against bert_jax, and says so; bf16
     rounding is accepted with a tolerance scaled to each output."""
-    result = convert(FIXTURE / "masked_lm", tmp_path / "out", to="hf", dtype="bf16",
+    result = convert(NORBERT4_TINY / "masked_lm", tmp_path / "out", to="hf", dtype="bf16",
                      verify_output=True).verification
     assert result.reference == result.candidate == "bert_jax"
     assert "never executes" in result.note and "never executes" in result.summary()
@@ -264,16 +263,16 @@ def test_inspect_unused_and_new_weights_as_transformers_reports_them(tmp_path):
 
 def test_inspect_gpt_bert_tied_output_embedding(tmp_path):
     """A NorBERT 4 file without the output embedding reads it from the input embedding."""
-    specs = read_state_dict(FIXTURE / "masked_lm")
-    assert not inspect_dir(FIXTURE / "masked_lm").tied
+    specs = read_state_dict(NORBERT4_TINY / "masked_lm")
+    assert not inspect_dir(NORBERT4_TINY / "masked_lm").tied
     del specs["classifier.emb2vocab.weight"]
     (tmp_path / "tied").mkdir()
     (tmp_path / "tied" / "config.json").write_text(
-        (FIXTURE / "masked_lm" / "config.json").read_text())
+        (NORBERT4_TINY / "masked_lm" / "config.json").read_text())
     save_file(specs, str(tmp_path / "tied" / "model.safetensors"), metadata={"format": "pt"})
     report = inspect_dir(tmp_path / "tied")
     assert report.tied == {"classifier.emb2vocab.weight": "embedding.word_embedding.weight"}
-    assert report.num_parameters == inspect_dir(FIXTURE / "masked_lm").num_parameters
+    assert report.num_parameters == inspect_dir(NORBERT4_TINY / "masked_lm").num_parameters
 
 
 def test_inspect_bad_directories(tmp_path, capsys, hf_dir):

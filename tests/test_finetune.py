@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (finish, make_hf_model, save_hf_model, start_cli, start_two_processes,
+from conftest import (NORBERT4_TINY, finish, make_hf_model, save_hf_model, start_cli, start_two_processes,
                       torch, transformers)
 
 import bert_jax
@@ -30,7 +30,6 @@ from bert_jax.training.recipe import load_recipe
 from bert_jax.training.tasks import ClassificationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PEOPLE = ["anna", "bob", "carl", "dora", "erik", "fay"]
 PLACES = ["oslo", "rome", "lima", "kyiv", "bonn", "riga"]
 FILLER = ["went", "to", "met", "in", "lives", "near", "saw", "the", "a", "city", "today",
@@ -385,7 +384,7 @@ def test_gpt_bert_with_a_mismatched_head_reinitialised(tmp_path, caplog):
     model.ignore_mismatched_sizes the head is initialised afresh, with a warning, and trained;
     the export has the task's labels."""
     model_dir = tmp_path / "norbert"
-    shutil.copytree(FIXTURES / "norbert4-tiny" / "sequence_classification", model_dir)
+    shutil.copytree(NORBERT4_TINY / "sequence_classification", model_dir)
     add_tokenizer(model_dir)
     train = write_classification(tmp_path / "train.csv", 32, 0)
     run = tmp_path / "run"

@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from test_gpt_bert import FIXTURE
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+
+from conftest import NORBERT4_TINY
 
 import bert_jax
 from bert_jax.inference.generate import Sampling, generate
@@ -20,12 +21,11 @@ from bert_jax.modeling.gpt_bert import init_cache
 PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(10, 21))]  # different lengths: left padding
 NEW_TOKENS = 30  # 42 tokens in all: past the local (8) and the global (24) window
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")
 
 
 @pytest.fixture(scope="module")
 def causal():
-    return bert_jax.from_pretrained(FIXTURE / "causal_lm")
+    return bert_jax.from_pretrained(NORBERT4_TINY / "causal_lm")
 
 
 def recompute_greedy(model, prompt, steps):
@@ -47,7 +47,7 @@ def test_kv_cache_equals_recomputation(causal):
 
 def test_masked_lm_checkpoint_generates_the_same(causal):
     """NorBERT 4 ships a masked-LM checkpoint; its weights drive the causal mode unchanged."""
-    masked = bert_jax.from_pretrained(FIXTURE / "masked_lm")
+    masked = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm")
     assert generate(masked, PROMPTS, 6, stop_token_ids=()) == generate(causal, PROMPTS, 6,
                                                                        stop_token_ids=())
 
@@ -98,7 +98,7 @@ def test_bad_generation_requests(causal, call, needle):
 
 
 def test_generation_needs_gpt_bert():
-    model = bert_jax.from_pretrained(FIXTURE / "sequence_classification")
+    model = bert_jax.from_pretrained(NORBERT4_TINY / "sequence_classification")
     with pytest.raises(bert_jax.BertJaxError, match="GptBertForSequenceClassification"):
         generate(model, [[1, 2]], 3)
 
@@ -112,7 +112,7 @@ def gpt_bert_dir(tmp_path_factory):
     """The fixture's masked LM with a small BPE tokenizer laid out as NorBERT 4's:
     <unk> <s> </s> <pad> <mask> = 0..4, and <s> prepended to every text."""
     path = tmp_path_factory.mktemp("norbert") / "model"
-    shutil.copytree(FIXTURE / "masked_lm", path)
+    shutil.copytree(NORBERT4_TINY / "masked_lm", path)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.BPEDecoder()

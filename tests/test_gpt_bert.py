@@ -13,28 +13,28 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from conftest import NORBERT4_TINY
+
 import bert_jax
 from bert_jax.convert.weight_files import read_state_dict
 from bert_jax.families import GPT_BERT
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
 HEAD_DIRS = ("base", "masked_lm", "causal_lm", "sequence_classification", "token_classification",
              "question_answering")
 TOL = 1e-4
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")
 
 
 def fixture_outputs(window_rule: str, expected_rule: str, **runtime):
     """(key, ours, expected) on non-padded positions for every key of an expected_*.npz."""
-    inputs = np.load(FIXTURE / "inputs.npz")
+    inputs = np.load(NORBERT4_TINY / "inputs.npz")
     mask = inputs["attention_mask"]
-    expected = np.load(FIXTURE / f"expected_{expected_rule}_window.npz")
+    expected = np.load(NORBERT4_TINY / f"expected_{expected_rule}_window.npz")
     models = {}
     for key in expected.files:
         head, field = key.split(".")
         if head not in models:
-            models[head] = bert_jax.from_pretrained(FIXTURE / head, window_rule=window_rule,
+            models[head] = bert_jax.from_pretrained(NORBERT4_TINY / head, window_rule=window_rule,
                                                     **runtime)
         labels = {"labels": inputs["labels"]} if field == "loss" else {}
         ours = np.asarray(getattr(models[head](inputs["input_ids"], attention_mask=mask, **labels),
@@ -66,13 +66,13 @@ def test_window_rule_matters_on_the_fixture():
 
 
 def test_default_window_rule_is_exclusive():
-    assert bert_jax.from_pretrained(FIXTURE / "base").config.window_rule == "exclusive"
+    assert bert_jax.from_pretrained(NORBERT4_TINY / "base").config.window_rule == "exclusive"
 
 
 def test_masked_lm_output_layout():
     """Position 0 is the one-hot BOS, every other value is bounded in (0, 30)."""
-    inputs = np.load(FIXTURE / "inputs.npz")
-    model = bert_jax.from_pretrained(FIXTURE / "masked_lm")
+    inputs = np.load(NORBERT4_TINY / "inputs.npz")
+    model = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm")
     logits = np.asarray(model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits)
     bos = model.config.bos_token_id
     np.testing.assert_array_equal(logits[:, 0], np.eye(model.config.vocab_size)[[bos] * 3])
@@ -83,17 +83,17 @@ def test_masked_lm_output_layout():
 def test_round_trip_bit_identical(tmp_path, head):
     """Fixture dir -> bert_jax -> HF dir (and through Orbax): every tensor identical, and the
     written config keeps every key plus an auto_map for the Hub code."""
-    model = bert_jax.from_pretrained(FIXTURE / head)
+    model = bert_jax.from_pretrained(NORBERT4_TINY / head)
     model.save_pretrained(tmp_path / "hf")
     model.save_pretrained(tmp_path / "orbax", format="orbax")
     bert_jax.from_pretrained(tmp_path / "orbax").save_pretrained(tmp_path / "via_orbax")
-    original = read_state_dict(FIXTURE / head)
+    original = read_state_dict(NORBERT4_TINY / head)
     for out in ("hf", "via_orbax"):
         written = read_state_dict(tmp_path / out)
         assert written.keys() == original.keys()
         for key, tensor in original.items():
             assert written[key].dtype == tensor.dtype and np.array_equal(written[key], tensor), key
-    source = json.loads((FIXTURE / head / "config.json").read_text())
+    source = json.loads((NORBERT4_TINY / head / "config.json").read_text())
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     for key, value in source.items():
         if key not in ("id2label", "label2id"):
@@ -107,7 +107,7 @@ def test_round_trip_bit_identical(tmp_path, head):
 def test_output_embedding_falls_back_to_input_embedding(tmp_path):
     """A checkpoint that stores the tied output matrix once uses the word embedding, and
     export writes both keys."""
-    shutil.copytree(FIXTURE / "masked_lm", tmp_path / "tied")
+    shutil.copytree(NORBERT4_TINY / "masked_lm", tmp_path / "tied")
     tensors = read_state_dict(tmp_path / "tied")
     del tensors["classifier.emb2vocab.weight"]
     save_file(tensors, str(tmp_path / "tied" / "model.safetensors"), metadata={"format": "pt"})
@@ -123,12 +123,12 @@ def test_output_embedding_falls_back_to_input_embedding(tmp_path):
 def test_classifier_on_a_pretrained_encoder(caplog):
     """A masked-LM checkpoint loaded with a classification head: encoder weights kept, the
     output projection newly initialised with a warning, the LM layer ignored."""
-    model = bert_jax.from_pretrained(FIXTURE / "masked_lm", head="ForSequenceClassification",
+    model = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm", head="ForSequenceClassification",
                                      num_labels=4)
     assert model.config.architecture == "GptBertForSequenceClassification"
     assert "classifier.output_projection.weight" in caplog.text
     assert model.params["classifier"]["output_projection"]["kernel"].shape == (64, 4)
-    base = bert_jax.from_pretrained(FIXTURE / "base")
+    base = bert_jax.from_pretrained(NORBERT4_TINY / "base")
     np.testing.assert_array_equal(model.params["model"]["layer_2"]["lambdas"],
                                   base.params["model"]["layer_2"]["lambdas"])
 
@@ -148,7 +148,7 @@ def test_presets_match_published_sizes(name, millions):
 
 def _copy_with(tmp_path, change_config=None, change_tensors=None) -> Path:
     target = tmp_path / "model"
-    shutil.copytree(FIXTURE / "masked_lm", target)
+    shutil.copytree(NORBERT4_TINY / "masked_lm", target)
     if change_config:
         config = json.loads((target / "config.json").read_text())
         change_config(config)
@@ -181,17 +181,17 @@ def test_config_missing_key(tmp_path):
 
 
 def test_sequence_longer_than_max_sequence_length():
-    model = bert_jax.from_pretrained(FIXTURE / "masked_lm")
+    model = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm")
     with pytest.raises(bert_jax.BertJaxError, match="max_sequence_length=256"):
         model(np.ones((1, 257), np.int32))
 
 
 def test_multiple_choice_pools_position_zero():
     """Each choice is scored as a one-label sequence classifier would score it alone."""
-    choice = bert_jax.from_pretrained(FIXTURE / "masked_lm", head="ForMultipleChoice")
+    choice = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm", head="ForMultipleChoice")
     single = bert_jax.PretrainedModel(
         choice.config.with_head("ForSequenceClassification", num_labels=1), choice.params)
-    inputs = np.load(FIXTURE / "inputs.npz")
+    inputs = np.load(NORBERT4_TINY / "inputs.npz")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     logits = np.asarray(choice(ids[None], attention_mask=mask[None]).logits)
     assert logits.shape == (1, 3)
@@ -204,10 +204,10 @@ def test_pytorch_bin_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     target = tmp_path / "bin"
     target.mkdir()
-    shutil.copy(FIXTURE / "masked_lm" / "config.json", target)
-    tensors = read_state_dict(FIXTURE / "masked_lm")
+    shutil.copy(NORBERT4_TINY / "masked_lm" / "config.json", target)
+    tensors = read_state_dict(NORBERT4_TINY / "masked_lm")
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, target / "pytorch_model.bin")
-    inputs = np.load(FIXTURE / "inputs.npz")
+    inputs = np.load(NORBERT4_TINY / "inputs.npz")
     ours = bert_jax.from_pretrained(target)(inputs["input_ids"]).logits
-    ref = bert_jax.from_pretrained(FIXTURE / "masked_lm")(inputs["input_ids"]).logits
+    ref = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm")(inputs["input_ids"]).logits
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))

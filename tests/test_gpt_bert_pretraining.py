@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import NORBERT4_TINY
+
 import bert_jax
 from bert_jax.modeling import gpt_bert
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")
 
 
 @pytest.fixture(scope="module")
 def models():
-    masked = bert_jax.from_pretrained(FIXTURE / "masked_lm")
-    causal = bert_jax.from_pretrained(FIXTURE / "masked_lm", head="ForCausalLM")
+    masked = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm")
+    causal = bert_jax.from_pretrained(NORBERT4_TINY / "masked_lm", head="ForCausalLM")
     pretraining = gpt_bert.GptBertForPreTraining(masked.config.with_head("ForPreTraining"))
     return masked, causal, pretraining
 

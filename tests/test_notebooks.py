@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-FIXTURES = ROOT.parent / "shared" / "fixtures"  # the clone is a sibling of shared/
+FIXTURES = ROOT / "tests" / "fixtures"
 COLAB = "https://colab.research.google.com/github/YOUR_ORG/bert_jax/blob/main/notebooks/"
 
 
@@ -58,8 +58,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     notebook's result) fails the test with the cell's traceback."""
     notebook = nbformat.read(path, as_version=4)
     assert "assert " in notebook.cells[-1].source, f"{path.name}: the last cell checks nothing"
-    if "BERT_JAX_FIXTURES" in path.read_text() and not FIXTURES.is_dir():
-        pytest.skip(f"fixture missing: {FIXTURES}")
     monkeypatch.setenv("BERT_JAX_NOTEBOOK_CI", "1")
     monkeypatch.setenv("BERT_JAX_FIXTURES", str(FIXTURES))
     # The kernel ("python") and the shell cells ("bert-jax") come from this interpreter.

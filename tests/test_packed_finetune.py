@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_hf_model, save_hf_model, torch, transformers
+from conftest import NORBERT4_TINY, make_hf_model, save_hf_model, torch, transformers
 from test_finetune import finetune, logged, tiny_model, write_classification
 
 import bert_jax
@@ -21,7 +21,6 @@ from bert_jax.data.packing import efficiency, pack, packed_batches, packed_rows
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.training.metrics import compute_metrics
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
 HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
 
 
@@ -65,7 +64,7 @@ def bert_or_gpt_bert(family: str, kind: str, tmp_path: Path, **config):
     """(bert_jax model, transformers model or None) of `family` with a `kind` head."""
     if family == "gpt-bert":
         directory = "sequence_classification" if kind == "sequence" else "token_classification"
-        return bert_jax.from_pretrained(FIXTURES / directory), None
+        return bert_jax.from_pretrained(NORBERT4_TINY / directory), None
     torch_model = make_hf_model(family, HEADS[kind], **config)
     return bert_jax.from_pretrained(save_hf_model(torch_model, tmp_path / "hf")), torch_model
 

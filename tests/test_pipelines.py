@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_hf_model, save_hf_model, torch, transformers
+from conftest import NORBERT4_TINY, make_hf_model, save_hf_model, torch, transformers
 
 import bert_jax
 from bert_jax.cli import main
@@ -240,9 +240,7 @@ def test_embeddings_pool_transformers_hidden_states(mlm_dir):
 def test_gpt_bert_padded_buckets_equal_unpadded_forward(tmp_path):
     """GPT-BERT (NorBERT 4 fixture: no token types, windowed attention): NER scores from the
     padded, bucketed batches equal the softmax of each text's own unpadded forward."""
-    fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
-    if not fixture.is_dir():
-        pytest.skip("no norbert4-tiny fixture")
+    fixture = NORBERT4_TINY
     shutil.copytree(fixture / "token_classification", tmp_path / "gpt")
     (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "gpt")

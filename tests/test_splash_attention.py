@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import example_batch, run_hf
+from conftest import NORBERT4_TINY, example_batch, run_hf
 
 import bert_jax
 from bert_jax.families import BERT
 from bert_jax.modeling import splash_attention
 from bert_jax.modeling.attention import AttentionMask, attend
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "norbert4-tiny"
 B, T, N, H = 2, 200, 2, 64  # T is no multiple of the kernel's 128-wide blocks
 LENGTHS = (T, 150)  # real tokens per row
 
@@ -209,15 +208,14 @@ def test_kernel_first_built_in_a_scanned_init_serves_every_later_trace(hf_dir):
         np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture missing: {FIXTURE}")
 @pytest.mark.parametrize("head", ["masked_lm", "causal_lm"])
 def test_norbert4_fixture_matches(head):
     """Tiny NorBERT 4 (local and global sliding windows, bidirectional and causal) on the splash
     backend: the original implementation's logits within 1e-4 (as test_gpt_bert.py's bar)."""
-    inputs = np.load(FIXTURE / "inputs.npz")
+    inputs = np.load(NORBERT4_TINY / "inputs.npz")
     batch = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    model = bert_jax.from_pretrained(FIXTURE / head, attention_backend="splash")
+    model = bert_jax.from_pretrained(NORBERT4_TINY / head, attention_backend="splash")
     logits = np.asarray(model(**batch).logits)
-    expected = np.load(FIXTURE / "expected_exclusive_window.npz")[f"{head}.logits"]
+    expected = np.load(NORBERT4_TINY / "expected_exclusive_window.npz")[f"{head}.logits"]
     real = batch["attention_mask"] == 1
     np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0)
