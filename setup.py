@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION_FILE = Path(__file__).parent / "bert_jax" / "version.py"
+VERSION = re.search(r'__version__ = "([^"]+)"', VERSION_FILE.read_text()).group(1)
 
 setup(
     name="bert_jax",
-    version="0.1.0",
+    version=VERSION,
+    license="Apache-2.0",
     description="Pretrain, fine-tune, convert and serve BERT-family encoders in JAX/Flax "
     "with exact Hugging Face parity.",
     long_description=open("README.md", encoding="utf-8").read(),
@@ -41,6 +48,7 @@ setup(
         "gcs": ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"],
         "test": [
             "pytest>=8",
+            "ruff==0.17.6",  # .ci/run lints before the tests (rules in pyproject.toml)
             "pytest-xdist==3.8.0",  # the suite runs on 2 workers (README, .ci/run)
             # The CPU wheel: a looser spec pulls a multi-GB CUDA build.
             "torch==2.13.0",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from bert_jax import sharding
-from bert_jax.families import family_of_config
+from bert_jax.convert.families import family_of_config
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
 from bert_jax.modeling.presets import preset
 from bert_jax.training.train_step import TrainState, make_train_step, state_shardings

@@ -88,8 +88,8 @@ def main() -> None:
     import jax
     from safetensors.numpy import load_file
 
-    from bert_jax.convert.tool import convert
     from bert_jax.convert.weight_files import find_weights, read_state_dict
+    from bert_jax.tools.convert import convert
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         hf, orbax, back, bf16 = (Path(tmp) / name for name in ("hf", "orbax", "back", "bf16"))

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     same = tops["bert_jax fill_mask"] == tops["transformers pipeline"]
     peer = seconds["transformers pipeline"]
     print(f"# fill-mask, {args.model} shape (random weights, fp32), {args.texts} texts of 8-"
-          f"{min(120, config.max_length[1] - 2)} words, {tokens} tokens, 1-2 masks each, batch {args.batch_size}; median of "
+          f"{min(120, config.max_length[1] - 2)} words, {tokens} tokens, 1-2 masks each, "
+          f"batch {args.batch_size}; median of "
           f"{args.rounds}; {cpu_name()}, {platform.machine()}; jax {jax.__version__}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}")
     print("| implementation | texts/s | tokens/s | x pipeline |")

@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks import ours, peer
 from benchmarks.run import environment
 from benchmarks.timing import timed
-from bert_jax.families import family_of_config
+from bert_jax.convert.families import family_of_config
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax.families import GPT_BERT
+from bert_jax.convert.families import GPT_BERT
 from bert_jax.modeling.presets import preset
 
 
@@ -48,7 +48,8 @@ def main() -> None:
           f"T={args.seq}, {args.dtype}, on {jax.devices()[0].platform}, jax {jax.__version__}")
     print("| parameters | temporaries (peak) | outputs |")
     print("|---|---|---|")
-    print(f"| {stats.argument_size_in_bytes / gib:.2f} GiB | {stats.temp_size_in_bytes / gib:.2f} GiB "
+    print(f"| {stats.argument_size_in_bytes / gib:.2f} GiB "
+          f"| {stats.temp_size_in_bytes / gib:.2f} GiB "
           f"| {stats.output_size_in_bytes / gib:.2f} GiB |")
 
 

@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.input_pipeline import cpu_name
 from bert_jax import sharding
 from bert_jax.data.batching import Features, batches, bucket_lengths
 from bert_jax.data.packing import pack, packed_batches
@@ -29,7 +30,6 @@ from bert_jax.modeling.presets import preset
 from bert_jax.training.loop import global_batch
 from bert_jax.training.optimizer import OptimizerConfig, build_optimizer
 from bert_jax.training.train_step import create_train_state, make_train_step
-from benchmarks.input_pipeline import cpu_name
 
 MODELS = {  # BERT-mini (google/bert_uncased_L-4_H-256_A-4's shape) and BERT-base
     "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -44,7 +44,8 @@ def load(model_dir: Path, implementation: str, dtype: str, *, train: bool = Fals
 
     transformers.utils.logging.disable_progress_bar()
     kwargs = {}
-    if json.loads((model_dir / "config.json").read_text())["architectures"][0].startswith("GptBert"):
+    config = json.loads((model_dir / "config.json").read_text())
+    if config["architectures"][0].startswith("GptBert"):
         if gpt_bert_code is None:
             raise RuntimeError("NorBERT 4's PyTorch code is Hub remote code (modeling_gptbert.py), "
                                "not available offline: pass --gpt-bert-code DIR")
@@ -88,7 +89,7 @@ def forward(model, inputs: dict[str, np.ndarray]):
 
     def run():
         with torch.inference_mode():
-            model(**tensors).logits
+            model(**tensors)
         sync()
 
     return run

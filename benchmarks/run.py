@@ -49,9 +49,9 @@ import numpy as np
 
 from benchmarks import ours, peer
 from benchmarks.timing import timings
+from bert_jax.convert.families import family_of_config
 from bert_jax.data.masking import IGNORE_INDEX, masked_positions
 from bert_jax.errors import BertJaxError
-from bert_jax.families import family_of_config
 from bert_jax.files import read_json
 from bert_jax.modeling.config import ATTENTION_BACKENDS
 from bert_jax.modeling.presets import preset

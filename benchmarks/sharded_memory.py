@@ -48,7 +48,7 @@ def main() -> None:
     import optax
 
     from bert_jax import sharding
-    from bert_jax.families import BERT
+    from bert_jax.convert.families import BERT
     from bert_jax.modeling.presets import preset
     from bert_jax.training.train_step import TrainState, make_train_step, state_shardings
 

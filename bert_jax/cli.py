@@ -28,7 +28,7 @@ def _size(text: str) -> int:
 
 
 def cmd_convert(args) -> None:
-    from bert_jax.convert.tool import convert
+    from bert_jax.tools.convert import convert
 
     result = convert(args.src, args.dst, to=args.to, dtype=args.dtype,
                      max_shard_size=args.max_shard_size, overwrite=args.overwrite,
@@ -39,7 +39,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from bert_jax.convert.inspect import inspect_dir
+    from bert_jax.tools.inspect import inspect_dir
 
     print(inspect_dir(Path(args.dir)).report())
 

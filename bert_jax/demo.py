@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_jax.convert.families import BERT
 from bert_jax.convert.weight_files import read_state_dict
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.data.train_tokenizer import train_wordpiece
-from bert_jax.families import BERT
 from bert_jax.inference.fill_mask import fill_mask
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel, from_pretrained

@@ -13,13 +13,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from bert_jax.convert import hf_dir
+from bert_jax.convert import hf_dir, orbax_dir
+from bert_jax.convert.families import family_of_config
 from bert_jax.convert.weight_files import find_weights, read_state_dict
 from bert_jax.errors import BertJaxError
-from bert_jax.families import family_of_config
 from bert_jax.files import is_remote, local_copy
 from bert_jax.modeling.scan import to_scanned, to_unrolled, unscanned
-from bert_jax.training import checkpointing
 
 # Files worth downloading from the Hub (pytorch_model.bin only where no safetensors exist).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
@@ -58,7 +57,8 @@ class PretrainedModel:
         if ids.shape[-1] > limit:
             raise BertJaxError(f"input has {ids.shape[-1]} tokens, more than "
                                f"{limit_field}={limit} in config.json")
-        for name, size_field in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
+        for name, size_field in (("input_ids", "vocab_size"),
+                                 ("token_type_ids", "type_vocab_size")):
             values = inputs.get(name)
             if isinstance(values, np.ndarray) and values.size and hasattr(c, size_field):
                 size = getattr(c, size_field)
@@ -80,13 +80,14 @@ class PretrainedModel:
             return hf_dir.save_hf_dir(self.config, self.params, out_dir,
                                       tokenizer_dir=self.source_dir, max_shard_bytes=max_shard_size)
         if format == "orbax":  # layers unrolled, as in HF dirs
-            return checkpointing.save_params(self.config, to_unrolled(self.config, self.params),
+            return orbax_dir.save_params(self.config, to_unrolled(self.config, self.params),
                                              out_dir, tokenizer_dir=self.source_dir)
         raise BertJaxError(f"unknown format {format!r} (expected 'hf' or 'orbax')")
 
     def __repr__(self) -> str:
         n = sum(x.size for x in jax.tree.leaves(self.params))
-        return f"PretrainedModel({self.config.architecture}, {n:,} params, dtype={self.config.dtype})"
+        return (f"PretrainedModel({self.config.architecture}, {n:,} params, "
+                f"dtype={self.config.dtype})")
 
 
 def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
@@ -100,7 +101,7 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
     runtime: `dtype`, `param_dtype`, `attention_backend`, `remat`, `scan_layers`.
     """
     model_dir = _resolve(name_or_path, revision)
-    is_hf, is_orbax = hf_dir.is_hf_dir(model_dir), checkpointing.is_orbax_dir(model_dir)
+    is_hf, is_orbax = hf_dir.is_hf_dir(model_dir), orbax_dir.is_orbax_dir(model_dir)
     if not (is_hf or is_orbax):
         raise BertJaxError(f"{model_dir}: no model found (expected config.json with "
                            f"model.safetensors / pytorch_model.bin, or with an Orbax params/ dir)")
@@ -113,12 +114,13 @@ def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
         state_dict, source = read_state_dict(model_dir), str(find_weights(model_dir))
     else:
         stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
-        saved = checkpointing.load_params(model_dir, abstract_params(stored))
+        saved = orbax_dir.load_params(model_dir, abstract_params(stored))
         if unscanned(config) == stored:  # no other head: the params as they are, maybe stacked
             return PretrainedModel(config, to_scanned(config, saved), model_dir)
         state_dict = hf_dir.hf_state_dict(stored, saved)
-        source = str(model_dir / checkpointing.PARAMS_DIR)
-    return PretrainedModel(config, hf_dir.params_from_hf(config, state_dict, source, seed), model_dir)
+        source = str(model_dir / orbax_dir.PARAMS_DIR)
+    params = hf_dir.params_from_hf(config, state_dict, source, seed)
+    return PretrainedModel(config, params, model_dir)
 
 
 def abstract_params(config):

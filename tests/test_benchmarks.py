@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import ours, peer, run
-from bert_jax.families import family_of_config
+from bert_jax.convert.families import family_of_config
 from bert_jax.modeling.presets import preset
 from bert_jax.pretrained import PretrainedModel
 

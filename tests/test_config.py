@@ -11,7 +11,7 @@ import pytest
 from conftest import make_hf_model, save_hf_model, torch, transformers
 
 import bert_jax
-from bert_jax.families import BERT
+from bert_jax.convert.families import BERT
 from bert_jax.modeling.config import BERT_PRESETS, BertConfig
 
 
@@ -54,7 +54,8 @@ def test_presets_match_transformers_parameter_count(name):
 def test_swedish_megatron_preset():
     config = bert_jax.preset("bert-large-swedish-cased")
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads,
-            config.max_position_embeddings, config.vocab_size) == ("megatron-bert", 24, 16, 1024, 30592)
+            config.max_position_embeddings, config.vocab_size) == (
+                "megatron-bert", 24, 16, 1024, 30592)
 
 
 @pytest.mark.parametrize("head", ["ForPreTraining", "ForMultipleChoice", "ForQuestionAnswering"])

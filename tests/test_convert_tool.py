@@ -14,12 +14,12 @@ from safetensors.numpy import save_file
 
 import bert_jax
 from bert_jax.cli import main
-from bert_jax.convert import verify as verify_module
-from bert_jax.convert.inspect import inspect_dir
-from bert_jax.convert.tool import convert
-from bert_jax.convert.verify import random_inputs, verify
+from bert_jax.convert.orbax_dir import params_metadata
 from bert_jax.convert.weight_files import SAFETENSORS_INDEX, read_state_dict
-from bert_jax.training.checkpointing import params_metadata
+from bert_jax.tools import verify as verify_module
+from bert_jax.tools.convert import convert
+from bert_jax.tools.inspect import inspect_dir
+from bert_jax.tools.verify import random_inputs, verify
 
 PREFIX = {"bert": "Bert", "megatron-bert": "MegatronBert"}
 
@@ -91,7 +91,8 @@ def test_orbax_dir_that_does_not_fit_its_config(tmp_path, hf_dir, capsys):
         bert_jax.from_pretrained(tmp_path / "orbax")
 
     config_path.write_text(json.dumps({**config, "architectures": ["BertForPreTraining"]}))
-    with pytest.raises(bert_jax.BertJaxError, match="bert.pooler.dense.bias is not in the checkpoint"):
+    with pytest.raises(bert_jax.BertJaxError,
+                       match="bert.pooler.dense.bias is not in the checkpoint"):
         bert_jax.from_pretrained(tmp_path / "orbax")
 
 

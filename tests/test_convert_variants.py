@@ -14,11 +14,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import VOCAB, example_batch, make_hf_model, run_hf, save_hf_model
 from safetensors.torch import load_file, save_file
 
 import bert_jax
 from bert_jax.convert import weight_files
-from conftest import VOCAB, example_batch, make_hf_model, run_hf, save_hf_model
 
 MODEL_TYPES = ("bert", "megatron-bert")
 PREFIX = {"bert": "Bert", "megatron-bert": "MegatronBert"}

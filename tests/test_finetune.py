@@ -13,16 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (NORBERT4_TINY, finish, make_hf_model, save_hf_model, start_cli, start_two_processes,
-                      torch, transformers)
+from conftest import (
+    NORBERT4_TINY,
+    finish,
+    make_hf_model,
+    save_hf_model,
+    start_cli,
+    start_two_processes,
+    torch,
+    transformers,
+)
 
 import bert_jax
 from bert_jax.cli import main
 from bert_jax.convert.weight_files import read_state_dict
+from bert_jax.data.answer_spans import squad_predictions
 from bert_jax.data.batching import batches, bucket_lengths
 from bert_jax.data.squad import prepare_features, read_squad
 from bert_jax.data.tokenizer import load_tokenizer
-from bert_jax.inference.spans import squad_predictions
 from bert_jax.training import run_log
 from bert_jax.training.finetune import FinetuneRecipe
 from bert_jax.training.metrics import squad_metrics, token_classification_metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from bert_jax.families import BERT, GPT_BERT
+from bert_jax.convert.families import BERT, GPT_BERT
 from bert_jax.modeling.presets import preset
 from bert_jax.training.flops import peak_flops, training_flops_per_token
 

@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
-
 from conftest import NORBERT4_TINY
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import bert_jax
 from bert_jax.inference.generate import Sampling, generate

@@ -11,13 +11,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import NORBERT4_TINY
 from safetensors.numpy import save_file
 
-from conftest import NORBERT4_TINY
-
 import bert_jax
+from bert_jax.convert.families import GPT_BERT
 from bert_jax.convert.weight_files import read_state_dict
-from bert_jax.families import GPT_BERT
 
 HEAD_DIRS = ("base", "masked_lm", "causal_lm", "sequence_classification", "token_classification",
              "question_answering")
@@ -176,7 +175,8 @@ def test_hplt_variant_is_refused(tmp_path):
 
 def test_config_missing_key(tmp_path):
     path = _copy_with(tmp_path, change_config=lambda c: c.pop("local_window_length"))
-    with pytest.raises(bert_jax.BertJaxError, match="config.json: missing key 'local_window_length'"):
+    with pytest.raises(bert_jax.BertJaxError,
+                       match="config.json: missing key 'local_window_length'"):
         bert_jax.from_pretrained(path)
 
 

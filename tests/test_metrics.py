@@ -12,9 +12,14 @@ from seqeval.scheme import IOB2, IOBES
 from sklearn import metrics as skm
 
 from bert_jax.errors import BertJaxError
-from bert_jax.training.metrics import (compute_metrics, entity_metrics, glue_metrics,
-                                       metric_names, predictions_from_logits,
-                                       token_classification_metrics)
+from bert_jax.training.metrics import (
+    compute_metrics,
+    entity_metrics,
+    glue_metrics,
+    metric_names,
+    predictions_from_logits,
+    token_classification_metrics,
+)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -13,10 +13,14 @@ import optax
 import pytest
 
 import bert_jax
+from bert_jax.convert.families import BERT, GPT_BERT
 from bert_jax.errors import BertJaxError
-from bert_jax.families import BERT, GPT_BERT
-from bert_jax.training.optimizer import (OptimizerConfig, build_optimizer, decay_mask,
-                                         learning_rate_schedule)
+from bert_jax.training.optimizer import (
+    OptimizerConfig,
+    build_optimizer,
+    decay_mask,
+    learning_rate_schedule,
+)
 
 torch = pytest.importorskip("torch")
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import HEADS, example_batch, make_hf_model, run_hf, save_hf_model, torch, transformers
 
 import bert_jax
+from bert_jax.convert.families import BERT
 from bert_jax.convert.weight_files import read_state_dict
-from bert_jax.families import BERT
 
 TOL = 1e-4
 OUTPUT_FIELDS = ("logits", "prediction_logits", "seq_relationship_logits", "start_logits",
@@ -97,8 +97,9 @@ def test_bert_jax_to_hf(tmp_path, model_type, head):
     model.save_pretrained(tmp_path / "out")
     torch_model = getattr(transformers, prefix + head).from_pretrained(
         tmp_path / "out", attn_implementation="eager").eval()
-    assert torch_model.config.id2label == ({0: "a", 1: "b", 2: "c"} if head != "ForQuestionAnswering"
-                                           else {0: "LABEL_0", 1: "LABEL_1"})
+    expected = ({0: "a", 1: "b", 2: "c"} if head != "ForQuestionAnswering"
+                else {0: "LABEL_0", 1: "LABEL_1"})
+    assert torch_model.config.id2label == expected
     batch = example_batch(head, seed=2)
     batch["input_ids"] = batch["input_ids"] % config.vocab_size
     labels = labels_for(head, batch)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import numpy as np

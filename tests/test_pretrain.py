@@ -130,9 +130,10 @@ def test_kill_9_at_a_random_step_then_resume(corpus, tmp_path):
     # The examples fed, step by step, from the recorded ids: the killed run re-fed the steps
     # after its last checkpoint (logged twice) with the same examples, so nothing repeats
     # or goes missing; and no example appears twice within the epoch.
-    fed = [json.loads(line) for line in (run / "example_ids.process0.jsonl").read_text().splitlines()]
-    uninterrupted = [json.loads(line) for line in
-                     (tmp_path / "straight" / "example_ids.process0.jsonl").read_text().splitlines()]
+    fed = [json.loads(line)
+           for line in (run / "example_ids.process0.jsonl").read_text().splitlines()]
+    straight = tmp_path / "straight" / "example_ids.process0.jsonl"
+    uninterrupted = [json.loads(line) for line in straight.read_text().splitlines()]
     by_step = {r["step"]: r["example_ids"] for r in uninterrupted}
     assert sorted(by_step) == list(range(1, 41))
     assert all(r["example_ids"] == by_step[r["step"]] for r in fed)

@@ -17,8 +17,8 @@ from flax import traverse_util
 import bert_jax
 from bert_jax import sharding
 from bert_jax.cli import main
+from bert_jax.convert.families import BERT, GPT_BERT
 from bert_jax.convert.weight_files import read_state_dict
-from bert_jax.families import BERT, GPT_BERT
 from bert_jax.inference.generate import generate
 from bert_jax.modeling.gpt_bert import init_cache
 from bert_jax.modeling.scan import unstack_layers
@@ -155,7 +155,8 @@ def test_gpt_bert_scanned_equals_unrolled(gpt_bert_dir, remat):
     """Scanned in groups of local_global_ratio layers (windows and RoPE thetas static per
     group member, the first layer's value residual a run-time flag), GPT-BERT computes what
     its unrolled layers do, gradients included."""
-    logits, hidden_states, grads = gpt_bert_outputs_and_grads(bert_jax.from_pretrained(gpt_bert_dir))
+    model = bert_jax.from_pretrained(gpt_bert_dir)
+    logits, hidden_states, grads = gpt_bert_outputs_and_grads(model)
     scanned = bert_jax.from_pretrained(gpt_bert_dir, scan_layers=True, remat=remat)
     layers = scanned.params["model"]["layers"]
     assert sorted(layers) == ["layer_0", "layer_1", "layer_2", "layer_3"]

@@ -92,12 +92,12 @@ def test_every_logical_axis_has_a_rule():
     """No parameter of any family carries a logical name the rules table does not know."""
     import flax.linen as nn
 
-    from bert_jax.families import BERT, GPT_BERT
+    from bert_jax.convert.families import BERT, GPT_BERT
 
     known = {name for name, _ in sharding.LOGICAL_AXIS_RULES}
     for family, config in ((BERT, bert_jax.preset("tiny", architectures=("BertForPreTraining",))),
                            (GPT_BERT, bert_jax.preset("norbert4-tiny"))):
         boxed = family.abstract_variables(config)["params"]
-        names = {n for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-                 for n in leaf.names}
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        names = {n for leaf in leaves for n in leaf.names}
         assert names <= known, names - known

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import pytest
 from conftest import NORBERT4_TINY, example_batch, run_hf
 
 import bert_jax
-from bert_jax.families import BERT
+from bert_jax.convert.families import BERT
 from bert_jax.modeling import splash_attention
 from bert_jax.modeling.attention import AttentionMask, attend
 

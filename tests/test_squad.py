@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import transformers
 
+from bert_jax.data.answer_spans import squad_predictions
 from bert_jax.data.squad import Answer, QAExample, example_from_record, prepare_features, read_squad
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.inference.spans import squad_predictions
 from bert_jax.training.metrics import squad_metrics
 
 WORDS = ("the a in at and of is who where what lives works visited met anna berg oslo bergen "

@@ -23,7 +23,8 @@ _NORMS = {  # norm param name -> HF module, per norm placement
 
 
 def _dense(hf: str, path: tuple[str, ...], in_axes: int = 1) -> list[Rule]:
-    return [Rule(f"{hf}.weight", path + ("kernel",), linear(in_axes)), Rule(f"{hf}.bias", path + ("bias",), BIAS)]
+    return [Rule(f"{hf}.weight", path + ("kernel",), linear(in_axes)),
+            Rule(f"{hf}.bias", path + ("bias",), BIAS)]
 
 
 def _norm(hf: str, path: tuple[str, ...]) -> list[Rule]:
@@ -69,7 +70,8 @@ def rules(config: BertConfig) -> list[Rule]:
         table += _dense("cls.predictions.transform.dense", ("mlm", "transform"))
         table += _norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
         if not config.tie_word_embeddings:
-            table.append(Rule("cls.predictions.decoder.weight", ("mlm", "decoder", "kernel"), linear()))
+            table.append(Rule("cls.predictions.decoder.weight", ("mlm", "decoder", "kernel"),
+                              linear()))
     if head in ("ForPreTraining", "ForNextSentencePrediction"):
         table += _dense("cls.seq_relationship", ("nsp", "dense"))
     if head in ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice"):
@@ -114,7 +116,8 @@ def tied_weights(config: BertConfig, stored: set[str]) -> dict[str, str]:
     """HF keys the model reads from another tensor, {key: source}: the MLM decoder is the word
     embedding matrix unless `tie_word_embeddings` is false (whatever keys are `stored`)."""
     if config.tie_word_embeddings and config.head in ("ForPreTraining", "ForMaskedLM"):
-        return {"cls.predictions.decoder.weight": ENCODER_PREFIX + "embeddings.word_embeddings.weight"}
+        return {"cls.predictions.decoder.weight":
+                ENCODER_PREFIX + "embeddings.word_embeddings.weight"}
     return {}
 
 

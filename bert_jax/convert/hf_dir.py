@@ -19,9 +19,9 @@ from etils import epath
 from flax import traverse_util
 
 from bert_jax.convert import mapping
+from bert_jax.convert.families import family_of, family_of_config
 from bert_jax.convert.weight_files import find_weights, read_state_dict, write_safetensors
 from bert_jax.errors import BertJaxError
-from bert_jax.families import family_of, family_of_config
 from bert_jax.files import atomic_directory, copy_tokenizer_files, read_json
 from bert_jax.modeling.scan import to_scanned, to_unrolled, unscanned
 
@@ -99,8 +99,8 @@ def hf_state_dict(config, params, dtype=None) -> dict[str, np.ndarray]:
     if config.scan_layers:
         return hf_state_dict(unscanned(config), to_unrolled(config, params), dtype)
     table = family_of_config(config).mapping
-    tensors = mapping.state_dict_from_params(table.rules(config), traverse_util.flatten_dict(params),
-                                             dtype)
+    flat = traverse_util.flatten_dict(params)
+    tensors = mapping.state_dict_from_params(table.rules(config), flat, dtype)
     return {saved: value for key, value in tensors.items()
             for saved in table.hf_keys_for_save(config, key)}
 

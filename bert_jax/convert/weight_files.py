@@ -157,11 +157,13 @@ def _read_pytorch(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise BertJaxError(f"{path}: reading pytorch_model.bin needs PyTorch "
-                           "(pip install torch==2.13.0), or convert the checkpoint to safetensors") from None
+                           "(pip install torch==2.13.0), or convert the checkpoint to "
+                           "safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise BertJaxError(f"{path}: cannot be read safely as a PyTorch state dict ({err})") from None
+        raise BertJaxError(
+            f"{path}: cannot be read safely as a PyTorch state dict ({err})") from None
     if not isinstance(state, dict):
         raise BertJaxError(f"{path}: expected a state dict, found {type(state).__name__}")
     for key, value in state.items():

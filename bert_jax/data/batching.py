@@ -23,7 +23,6 @@ no `drop_remainder` to evaluate, dropping the rows whose example_id is -1 from t
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 
 import grain

@@ -44,11 +44,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from tqdm import tqdm
 
-import bert_jax
 from bert_jax.data.records import encode_document
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.files import publish, read_json, scratch_dir
+from bert_jax.version import __version__
 
 DOC_MODES = ("blank-line", "line")
 _BATCH_DOCUMENTS = 1000  # documents per encode_batch call
@@ -142,7 +142,7 @@ def prepare_corpus(inputs: list[str], out_dir: str | os.PathLike, tokenizer_dir:
         sentences=sum(s["sentences"] for s in shards),
         tokens=sum(s["tokens"] for s in shards),
         tokenizer=settings["tokenizer"], doc_mode=doc_mode, text_field=text_field,
-        bert_jax_version=bert_jax.__version__,
+        bert_jax_version=__version__,
         problems=[p for task in tasks for p in records[task.key]["problems"]])
     if not manifest.documents:
         more = f" and {len(files) - 3} more" if len(files) > 3 else ""

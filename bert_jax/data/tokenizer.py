@@ -58,8 +58,9 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
             raise BertJaxError(f"{model_dir / 'tokenizer.json'}: cannot be read ({err})") from None
     elif (model_dir / "vocab.txt").is_file():
         try:
+            lowercase = config.get("do_lower_case", False)
             backend = BertWordPieceTokenizer(str(model_dir / "vocab.txt"),
-                                             lowercase=config.get("do_lower_case", False))._tokenizer
+                                             lowercase=lowercase)._tokenizer
         except (TypeError, ValueError, OSError) as err:  # e.g. [CLS]/[SEP] not in the vocab
             raise BertJaxError(f"{model_dir / 'vocab.txt'}: not a usable WordPiece vocabulary "
                                f"({err})") from None

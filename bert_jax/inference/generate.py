@@ -71,10 +71,12 @@ def generate(model: PretrainedModel, prompts: list[list[int]], max_new_tokens: i
     total = prompt_length + max_new_tokens
     if total > config.max_sequence_length:
         raise BertJaxError(f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) "
-                           f"exceeds max_sequence_length={config.max_sequence_length} in config.json")
+                           f"exceeds max_sequence_length={config.max_sequence_length} "
+                           "in config.json")
     for p in prompts:
         if min(p) < 0 or max(p) >= config.vocab_size:
-            raise BertJaxError(f"prompt token ids must lie in [0, {config.vocab_size}) (vocab_size)")
+            raise BertJaxError(
+                f"prompt token ids must lie in [0, {config.vocab_size}) (vocab_size)")
 
     ids = np.full((len(prompts), prompt_length), config.pad_token_id, np.int32)
     mask = np.zeros_like(ids)

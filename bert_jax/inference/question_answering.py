@@ -15,11 +15,11 @@ import numpy as np
 import tokenizers
 from scipy.special import log_softmax
 
+from bert_jax.data.answer_spans import best_spans
 from bert_jax.data.squad import QAExample, prepare_features
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.inference.batching import run_in_buckets
-from bert_jax.inference.spans import best_spans
 from bert_jax.pretrained import PretrainedModel
 
 MASKED = -10000.0  # the pipeline's logit for tokens outside the context

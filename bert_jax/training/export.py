@@ -16,8 +16,8 @@ import jax
 from etils import epath
 
 from bert_jax import sharding
+from bert_jax.convert.families import family_of
 from bert_jax.errors import BertJaxError
-from bert_jax.families import family_of
 from bert_jax.files import local_copy, read_json
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training.checkpointing import TrainCheckpoints

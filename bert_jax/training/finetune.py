@@ -32,12 +32,12 @@ from jax.experimental import multihost_utils
 
 from bert_jax import sharding
 from bert_jax.convert import hf_dir, mapping
+from bert_jax.convert.families import family_of_config
 from bert_jax.data.batching import batches, bucket_lengths
 from bert_jax.data.packing import efficiency, pack, packed_batches
 from bert_jax.data.private_batches import PrivateBatches, task_rows
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.families import family_of_config
 from bert_jax.files import atomic_directory, copy_tree
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 from bert_jax.sharding import MeshConfig

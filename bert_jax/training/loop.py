@@ -31,7 +31,6 @@ from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.run_log import ExampleIdLog, RunLog
 from bert_jax.training.train_step import TrainState, create_train_state, state_shardings
 
-
 MIN_CACHED_COMPILE_SECONDS = 1.0
 
 

@@ -25,7 +25,6 @@ from bert_jax.errors import BertJaxError
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
 from bert_jax.training.privacy import DpPlan
 
-
 # Config fields of special-token ids, and the tokens that fill them (BERT's or NorBERT's).
 _SPECIAL_TOKENS = {"bos_token_id": ("<s>", "[CLS]"), "eos_token_id": ("</s>", "[SEP]"),
                    "unk_token_id": ("<unk>", "[UNK]"), "pad_token_id": ("<pad>", "[PAD]"),

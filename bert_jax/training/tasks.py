@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from bert_jax.data.answer_spans import squad_predictions
 from bert_jax.data.batching import Features
 from bert_jax.data.classification import ClassificationData, load_classification
 from bert_jax.data.masking import IGNORE_INDEX
@@ -28,7 +29,6 @@ from bert_jax.data.token_classification import (
 )
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.inference.spans import squad_predictions
 from bert_jax.modeling import losses
 from bert_jax.training.metrics import (
     compute_metrics,

@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from bert_jax import sharding
-from bert_jax.families import family_of_config
+from bert_jax.convert.families import family_of_config
 from bert_jax.modeling.heads import labels_at
 
 

@@ -15,13 +15,12 @@ from typing import Any
 
 import jax
 
-from bert_jax.convert import hf_dir
-from bert_jax.convert.verify import Verification, verify
+from bert_jax.convert import hf_dir, orbax_dir
 from bert_jax.errors import BertJaxError
 from bert_jax.files import atomic_directory, local_copy
 from bert_jax.modeling.scan import unscanned
 from bert_jax.pretrained import abstract_params
-from bert_jax.training import checkpointing
+from bert_jax.tools.verify import Verification, verify
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -40,7 +39,7 @@ def model_format(path: Path) -> str:
         raise BertJaxError(f"{path}: no such directory")
     if hf_dir.is_hf_dir(path):
         return "hf"
-    if checkpointing.is_orbax_dir(path):
+    if orbax_dir.is_orbax_dir(path):
         return "orbax"
     raise BertJaxError(f"{path}: not a model directory (expected config.json with "
                        f"model.safetensors or pytorch_model.bin, or with an Orbax params/ dir)")
@@ -54,7 +53,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     dtype: "fp32" or "bf16" for the written weights (and config.json's `dtype`); by default
         HF output keeps the dtype the source declares, Orbax output holds fp32 params.
     max_shard_size: HF output in shards of at most this many bytes, with an index.
-    verify_output: compare outputs of SRC and the conversion (see `bert_jax.convert.verify`);
+    verify_output: compare outputs of SRC and the conversion (see `bert_jax.tools.verify`);
         DST is not written if they differ by more than `tolerance`.
     """
     src = local_copy(src)  # a gs:// SRC is downloaded; a gs:// DST is uploaded once complete
@@ -71,7 +70,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             hf_dir.save_hf_dir(config, params, staging, tokenizer_dir=src,
                                max_shard_bytes=max_shard_size, progress=progress)
         else:
-            checkpointing.save_params(config, _cast(params, dtype), staging, tokenizer_dir=src)
+            orbax_dir.save_params(config, _cast(params, dtype), staging, tokenizer_dir=src)
         verification = verify(src, staging, tolerance=tolerance) if verify_output else None
         if verification is not None and not verification.ok:
             raise BertJaxError(f"{dst}: not written: --verify failed: {verification.failure()}")
@@ -85,7 +84,7 @@ def _read(src: Path, source_format: str, progress: bool):
     if source_format == "hf":
         return hf_dir.load_hf_dir(src, on_device=False, progress=progress)
     config = unscanned(hf_dir.load_config(src))  # the layout Orbax dirs hold
-    return config, checkpointing.load_params(src, abstract_params(config), on_device=False)
+    return config, orbax_dir.load_params(src, abstract_params(config), on_device=False)
 
 
 def _cast(params, dtype: str | None):

@@ -14,12 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bert_jax.convert import hf_dir
+from bert_jax.convert import hf_dir, orbax_dir
+from bert_jax.convert.families import family_of_config
 from bert_jax.convert.mapping import hf_shape
-from bert_jax.convert.tool import model_format
 from bert_jax.convert.weight_files import find_weights, read_tensor_specs, read_weight_map
-from bert_jax.families import family_of_config
-from bert_jax.training import checkpointing
+from bert_jax.tools.convert import model_format
 
 Shape = tuple[int, ...]
 
@@ -128,7 +127,7 @@ def _inspect_hf(path: Path, config) -> Inspection:
 
 def _inspect_orbax(path: Path, config) -> Inspection:
     table = family_of_config(config).mapping
-    specs = checkpointing.params_metadata(path)
+    specs = orbax_dir.params_metadata(path)
     shapes = hf_dir.param_shapes(config)
     rows, problems = [], []
     for rule in table.rules(config):
@@ -144,7 +143,7 @@ def _inspect_orbax(path: Path, config) -> Inspection:
                             f"{_shape(shapes[rule.path])}")
     hf_keys = {rule.hf_key for rule in table.rules(config) if rule.path in specs}
     unused = sorted("/".join(p) for p in set(specs) - {rule.path for rule in table.rules(config)})
-    return Inspection(path, "orbax", f"{checkpointing.PARAMS_DIR}/", config, _count(shapes), rows,
+    return Inspection(path, "orbax", f"{orbax_dir.PARAMS_DIR}/", config, _count(shapes), rows,
                       table.tied_weights(config, hf_keys), [], unused, [], problems)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bert_jax.convert import hf_dir
-from bert_jax.families import BERT, family_of_config
+from bert_jax.convert.families import BERT, family_of_config
 from bert_jax.pretrained import from_pretrained
 
 FP32_TOLERANCE = 1e-4
