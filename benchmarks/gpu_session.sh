@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures in one call of at most 10 minutes, the target rows first, each step
-# under its own time limit so that a slow one cannot take the rest with it.
+# The benchmark suite's most important GPU rows in under 10 minutes, the target rows first,
+# each step under its own time limit so that a slow one cannot take the rest with it.
 #
-#   bash benchmarks/gpu_session.sh [OUT_DIR]      (default: $OUT, else ./gpu_results)
+#   bash benchmarks/gpu_session.sh [OUT_DIR]
 #
+# OUT_DIR defaults to the OUT environment variable when it is set, else ./gpu_results.
 # Writes OUT_DIR/<step>.json (rewritten after every row, so a step stopped by its limit
 # keeps its finished rows; `python -m benchmarks.run --show FILE` prints the table) and one
 # log, OUT_DIR/log.txt. Runs from the repository root without installing the project.
-# Python packages missing on the machine (grain, array_record and portpicker on the lent
-# H100/H200 image) are installed from ./.whl when that folder exists: see
-# benchmarks/RESULTS.md ("Running the GPU suite on a lent machine").
+# On a machine without network access, wheels of missing Python packages (e.g. grain,
+# array_record, portpicker) are installed from ./.whl when that folder exists: see
+# benchmarks/RESULTS.md ("Running the GPU suite").
 set -uo pipefail
 
 out=${1:-${OUT:-gpu_results}}

@@ -1,4 +1,4 @@
-"""GPT-BERT (NorBERT 4) against the reference outputs in shared/fixtures/norbert4-tiny, its
+"""GPT-BERT (NorBERT 4) against the reference outputs in tests/fixtures/norbert4-tiny, its
 conversion both ways, and its bad input."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_classifier_on_a_pretrained_encoder(caplog):
     ("norbert4-large", 360.02), ("norbert4-xlarge", 987.45)])
 def test_presets_match_published_sizes(name, millions):
     """Parameters of the masked LM less the separately stored output matrix equal the
-    model-card sizes as ARCHITECTURES.md 1.2 computes them."""
+    model-card sizes as docs/architectures.md 1.2 computes them."""
     config = bert_jax.preset(name)
     abstract = nn.meta.unbox(GPT_BERT.abstract_variables(config)["params"])
     total = sum(x.size for x in jax.tree.leaves(abstract))

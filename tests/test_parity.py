@@ -209,4 +209,6 @@ def test_bad_host_inputs_are_named_and_device_inputs_stay_on_the_device(hf_dir, 
     with monkeypatch.context() as patch:
         patch.setattr(np, "asarray", host_only)
         logits = model(device_ids, jax.numpy.ones_like(device_ids)).logits
-    np.testing.assert_array_equal(np.asarray(logits), expected)
+    # An explicit all-ones mask is another traced program than no mask: equal up to fp32
+    # rounding (XLA may fuse and order the sums differently), not bit for bit.
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-6)
