@@ -93,8 +93,8 @@ def read_examples(config: ClassificationData, split: str
         if not (config.tfds or "").startswith("glue/") or task not in GLUE_TEXT_COLUMNS:
             raise BertJaxError("data.text_column: required (the column with the text)")
         text_column, pair_column = GLUE_TEXT_COLUMNS[task]
-    return [TextExample(_text(record, text_column),
-                        None if pair_column is None else _text(record, pair_column),
+    return [TextExample(record.text(text_column),
+                        None if pair_column is None else record.text(pair_column),
                         _label(record, config.label_column), record.where)
             for record in records], classes
 
@@ -142,13 +142,6 @@ def encode_classification(examples: list[TextExample], tokenizer: Tokenizer,
     else:
         targets = np.array([label_ids(e)[0] for e in examples], np.int32)
     return Features.from_encodings(encodings, targets)
-
-
-def _text(record: Record, column: str) -> str:
-    text = record.get(column)
-    if not isinstance(text, str):
-        raise BertJaxError(f"{record.where}: column {column!r} holds {text!r}, not text")
-    return text
 
 
 def _label(record: Record, column: str | list[str]):

@@ -35,6 +35,12 @@ class Record:
             raise BertJaxError(f"{self.where}: no value in column {column!r}")
         return value
 
+    def text(self, column: str) -> str:
+        text = self.get(column)
+        if not isinstance(text, str):
+            raise BertJaxError(f"{self.where}: column {column!r} holds {text!r}, not text")
+        return text
+
 
 @dataclasses.dataclass(frozen=True)
 class TaggedSentence:

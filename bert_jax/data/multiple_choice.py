@@ -53,9 +53,9 @@ def load_multiple_choice(config: MultipleChoiceData, tokenizer: Tokenizer, split
     records = read_table(split)
     pairs, labels = [], []
     for record in records:
-        context = _text(record, config.context_column)
-        question = "" if config.question_column is None else _text(record, config.question_column)
-        pairs += [(context, f"{question} {_text(record, column)}".strip())
+        context = record.text(config.context_column)
+        question = "" if config.question_column is None else record.text(config.question_column)
+        pairs += [(context, f"{question} {record.text(column)}".strip())
                   for column in config.ending_columns]
         labels.append(_label(record, config.label_column, len(config.ending_columns)))
     choices = Features.from_encodings(encode(tokenizer, [first for first, _ in pairs],
@@ -80,13 +80,6 @@ def choice_batch(batch: dict[str, np.ndarray], features: ChoiceFeatures,
     padded = pad_rows(features.choices, choice_ids.reshape(-1), length, pad_id)
     return {**{k: padded[k].reshape(rows, num_choices, length) for k in INPUTS},
             "labels": batch["labels"], "example_id": example_ids_B}
-
-
-def _text(record: Record, column: str) -> str:
-    text = record.get(column)
-    if not isinstance(text, str):
-        raise BertJaxError(f"{record.where}: column {column!r} holds {text!r}, not text")
-    return text
 
 
 def _label(record: Record, column: str, num_choices: int) -> int:
