@@ -165,8 +165,8 @@ def _training_arguments(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from bert_jax.training.pretrain import pretrain
     from bert_jax.training.recipe import load_recipe
-    from bert_jax.training.trainer import pretrain
 
     with _distributed(args):
         recipe = load_recipe(args.config, args.set or [])

@@ -1,6 +1,6 @@
 """`bert-jax export`: any saved step of a training run as a model directory (HF or Orbax).
 
-A run directory holds, besides `checkpoints/`, what `loop.run_directory` wrote at its start:
+A run directory holds, besides `checkpoints/`, what `run.run_directory` wrote at its start:
 `recipe.json` (the optimizer, whose state is part of the TrainState to restore),
 `model_config.json` (the trained model's config) and `tokenizer/`. The TrainState is restored
 onto this process's devices, whatever mesh saved it, and its params are written as the run's
@@ -22,9 +22,9 @@ from bert_jax.files import local_copy, read_json
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.finetune import FinetuneOptimizer
-from bert_jax.training.loop import abstract_state
 from bert_jax.training.objectives import export_config
 from bert_jax.training.optimizer import OptimizerConfig, build_optimizer
+from bert_jax.training.run import abstract_state
 
 RUN_FILES = ("recipe.json", "model_config.json", "tokenizer", "checkpoints")
 

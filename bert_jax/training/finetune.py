@@ -4,7 +4,8 @@ The recipe (`FinetuneRecipe`, YAML + `--set`) names the checkpoint (`model.init_
 or bert_jax Orbax directory, or a Hub id), the task and its data (`data.task`, see `tasks`),
 the optimizer (AdamW; the schedule's length follows from `train.epochs` or `train.steps`,
 warmup from `warmup_ratio`, as transformers' Trainer), the mesh and the run. Training runs in
-the loop pretraining uses (`loop.train_loop`), on the same sharded train state and step.
+the run pretraining uses (`run.TrainingRun` around `loop.train_loop`), on the same sharded
+train state and step; the recipe's sections extend pretraining's shared ones with the task's.
 Train batches are padded to buckets (`data.batching`) or, with `data.pack` (classification
 and token classification), packed rows (`data.packing`: `train.batch_size` counts rows, an
 epoch is all of them, the packing efficiency is logged at step 0 and returned); evaluation is
@@ -28,7 +29,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from bert_jax import sharding
 from bert_jax.convert import hf_dir, mapping
@@ -41,22 +41,12 @@ from bert_jax.errors import BertJaxError
 from bert_jax.files import atomic_directory, copy_tree
 from bert_jax.pretrained import PretrainedModel, from_pretrained
 from bert_jax.sharding import MeshConfig
-from bert_jax.training.checkpointing import TrainCheckpoints
-from bert_jax.training.loop import (
-    LoopSettings,
-    Throughput,
-    global_batch,
-    restore_or_create,
-    run_directory,
-    train_loop,
-    use_compilation_cache,
-)
-from bert_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
-from bert_jax.training.privacy import DpConfig, make_dp_train_step
-from bert_jax.training.recipe import COMPILATION_CACHE_DIR
-from bert_jax.training.run_log import RunLog
+from bert_jax.training.loop import global_batch
+from bert_jax.training.optimizer import OptimizerConfig, OptimizerSettings
+from bert_jax.training.privacy import DpConfig
+from bert_jax.training.recipe import ModelSection, TrainSection
+from bert_jax.training.run import TrainingRun, checked_mesh, save_model, use_compilation_cache
 from bert_jax.training.tasks import ClassificationTask, Outputs, Prepared, TaskSection
-from bert_jax.training.train_step import create_train_state, make_train_step
 
 logger = logging.getLogger("bert_jax")
 
@@ -64,57 +54,44 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneModel:
+class FinetuneModel(ModelSection):
     init_from: str = ""  # an HF or bert_jax Orbax directory, or a Hub model id
     tokenizer: str | None = None  # a directory with the tokenizer; default: init_from
-    dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = False  # one nn.scan over the layers: compile time independent of depth
     # A checkpoint head whose shapes do not fit the task (e.g. another number of labels) is an
     # error, or with this set, re-initialised with a warning (transformers' option of the name).
     ignore_mismatched_sizes: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneOptimizer:
-    """`OptimizerConfig`'s settings, the schedule's length left to the run's."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneOptimizer(OptimizerSettings):
+    """The shared settings with fine-tuning's defaults; the schedule's length follows from
+    the run's (`optimizer_config`)."""
 
-    name: str = "adamw"
     learning_rate: float = 2e-5
+    clip_norm: float | None = 1.0
     warmup_ratio: float = 0.1  # of the optimizer updates, rounded up (transformers')
     warmup_steps: int | None = None  # instead of warmup_ratio
-    schedule: str = "linear"
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    clip_norm: float | None = 1.0
-    accumulation_steps: int = 1
 
     def optimizer_config(self, steps: int) -> OptimizerConfig:
         updates = max(steps // self.accumulation_steps, 1)
         warmup = (self.warmup_steps if self.warmup_steps is not None
                   else math.ceil(self.warmup_ratio * updates))
-        settings = {k: v for k, v in dataclasses.asdict(self).items()
-                    if k not in ("warmup_ratio", "warmup_steps")}
-        return OptimizerConfig(**settings, warmup_steps=warmup, total_steps=updates)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)}
+        return OptimizerConfig(**shared, warmup_steps=warmup, total_steps=updates)
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneTrain:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneTrain(TrainSection):
     output_dir: str = "runs/finetune"
+    seed: int = 42
+    keep_checkpoints: int = 1  # training checkpoints, for --resume (the best is kept apart)
     epochs: float = 3.0
     steps: int | None = None  # instead of epochs
     batch_size: int = 32  # global, in examples
     eval_batch_size: int | None = None  # default: batch_size
     eval_every: int | None = None  # in steps; default: once an epoch
     save_every: int | None = None  # default: eval_every
-    log_every: int = 10
-    keep_checkpoints: int = 1  # training checkpoints, for --resume (the best is kept apart)
     best_metric: str | None = None  # an eval metric, e.g. f1; default: the task's headline
-    seed: int = 42
-    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR  # see recipe.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,27 +110,24 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     out = epath.Path(t.output_dir)  # local or gs://
     use_compilation_cache(t.compilation_cache_dir)
     tokenizer_dir, tokenizer, prepared, config, init_params = load_task(recipe)
-    mesh = sharding.make_mesh(recipe.mesh)
     eval_batch_size = t.eval_batch_size or t.batch_size
-    sharding.check_batch_size(t.batch_size, mesh)
-    sharding.check_batch_size(eval_batch_size, mesh)
+    mesh = checked_mesh(recipe.mesh, t.batch_size, eval_batch_size)
     rows, packing = _packed(task, prepared, recipe.dp)
     steps, steps_per_epoch = run_length(t, len(prepared.train) if rows is None else len(rows),
                                         "examples" if rows is None else "packed rows")
     eval_every = t.eval_every or steps_per_epoch
     optimizer_config = recipe.optimizer.optimizer_config(steps)
-    optimizer = build_optimizer(optimizer_config)
-    best_metric = _best_metric(t.best_metric, prepared)
+    best = _Best(_best_metric(t.best_metric, prepared),
+                 lambda params: save_model(config, params, tokenizer_dir, out / "best"))
     rows_of = dict(pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
                    process_count=jax.process_count())
     batching = dict(buckets=bucket_lengths(task.max_seq_length), **rows_of)
-    schedule = learning_rate_schedule(optimizer_config)
     if recipe.dp is None:
         train = dict(batch_size=t.batch_size, seed=t.seed, num_epochs=None, drop_remainder=True)
         data = (batches(prepared.train, **train, **batching) if rows is None else
                 packed_batches(prepared.train, rows, max_length=task.max_seq_length, **train,
                                **rows_of))
-        step_fn, logged_with = make_train_step(config, optimizer, mesh, schedule), None
+        plan = None
     else:  # each step's examples drawn by the privacy plan, padded to one length
         plan = recipe.dp.plan(len(prepared.train), t.batch_size, steps,
                               multiple_of=sharding.batch_split(mesh))
@@ -161,58 +135,34 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
                                               pad_id=tokenizer.pad_token_id),
                               seed=t.seed, process_index=jax.process_index(),
                               process_count=jax.process_count())
-        step_fn = make_dp_train_step(config, optimizer, mesh, plan, schedule)
-
-        def logged_with(step):  # the guarantee so far, at the recipe's delta
-            return {"epsilon": plan.epsilon(step), "noise_multiplier": plan.noise_multiplier}
-
-    checkpoints = TrainCheckpoints(out / "checkpoints", max_to_keep=t.keep_checkpoints)
-    state, record = restore_or_create(
-        checkpoints, resume, config, optimizer, mesh,
-        lambda: create_train_state(config, optimizer, mesh, t.seed, init_params))
-    best = _Best(best_metric, lambda params: _save(config, params, tokenizer_dir, out / "best"))
-    if record is not None:
-        data.set_state(record["data"])
-        best.step, best.value = record["best"]["step"], record["best"]["value"]
-    run_directory(out, recipe, config, tokenizer_dir)
-
     inputs = _model_inputs(config, prepared)
-    batch_sharding = sharding.batch_sharding(mesh, 1)
     outputs_step = make_outputs_step(config, mesh, prepared.outputs)
+    with TrainingRun(recipe, config=config, params=init_params, tokenizer_dir=tokenizer_dir,
+                     mesh=mesh, optimizer_config=optimizer_config, plan=plan,
+                     records={"data": data, "best": best}, resume=resume) as run:
 
-    def evaluate(state) -> dict:
-        eval_batches = batches(prepared.eval, batch_size=eval_batch_size, **batching)
-        outputs = eval_outputs(outputs_step, state.params, eval_batches, inputs,
-                               prepared.outputs, len(prepared.eval), batch_sharding)
-        metrics = {f"eval_{k}": v for k, v in prepared.score(outputs).items()}
-        best.update(int(state.step), metrics, state.params)
-        return metrics
+        def evaluate(state) -> dict:
+            eval_batches = batches(prepared.eval, batch_size=eval_batch_size, **batching)
+            outputs = eval_outputs(outputs_step, state.params, eval_batches, inputs,
+                                   prepared.outputs, len(prepared.eval), run.batch_sharding)
+            metrics = {f"eval_{k}": v for k, v in prepared.score(outputs).items()}
+            best.update(int(state.step), metrics, state.params)
+            return metrics
 
-    log = RunLog(out, enabled=jax.process_index() == 0)
-    if packing and record is None:
-        log.write({"step": 0, **packing})
-    try:
-        state, metrics, preempted = train_loop(
-            state, step_fn, (inputs(batch, "train") for batch in data),
-            settings=LoopSettings(steps, t.log_every, eval_every, t.save_every or eval_every,
-                                  t.max_bad_steps),
-            mesh=mesh, batch_sharding=batch_sharding, checkpoints=checkpoints,
-            record=lambda: {"data": data.get_state(), "best": {"step": best.step,
-                                                                "value": best.value}},
-            log=log, throughput=Throughput(config, state.params, task.max_seq_length),
-            evaluate=None if prepared.eval is None else evaluate, logged_with=logged_with,
-            progress=progress,
+        if packing and not run.resumed:
+            run.log.write({"step": 0, **packing})
+        metrics, preempted = run.train(
+            (inputs(batch, "train") for batch in data), steps=steps, eval_every=eval_every,
+            save_every=t.save_every or eval_every,
+            evaluate=None if prepared.eval is None else evaluate, progress=progress,
             desc=f"finetune {task.task}")
         metrics = {**metrics, **packing}
         if not preempted and best.step is not None:
             metrics = {**metrics, "best_step": best.step, f"best_{best.metric}": best.value}
-            log.write({"step": steps, "best_step": best.step, "best_metric": best.value})
-    finally:
-        checkpoints.close()
-        log.close()
+            run.log.write({"step": steps, "best_step": best.step, "best_metric": best.value})
     if not preempted:
         if prepared.eval is None:
-            _save(config, state.params, tokenizer_dir, out / "hf")
+            save_model(config, run.state.params, tokenizer_dir, out / "hf")
         elif jax.process_index() == 0:
             with atomic_directory(out / "hf") as staging:
                 copy_tree(out / "best", staging)
@@ -225,8 +175,7 @@ def load_task(recipe: FinetuneRecipe):
     model = recipe.model
     if not model.init_from:
         raise BertJaxError("model.init_from: required (the checkpoint to fine-tune)")
-    pretrained = from_pretrained(model.init_from, dtype=model.dtype, remat=model.remat,
-                                 scan_layers=model.scan_layers)
+    pretrained = from_pretrained(model.init_from, **model.runtime())
     tokenizer_dir = Path(model.tokenizer or pretrained.source_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     prepared = _with_checkpoint_labels(recipe.data, pretrained.config).prepare(tokenizer)
@@ -384,6 +333,12 @@ class _Best:
         self.step: int | None = None
         self.value: float | None = None
 
+    def get_state(self) -> dict:
+        return {"step": self.step, "value": self.value}
+
+    def set_state(self, state: dict) -> None:
+        self.step, self.value = state["step"], state["value"]
+
     def update(self, step: int, metrics: dict, params) -> None:
         value = metrics[self.metric]
         lower = self.metric.endswith("loss")
@@ -391,9 +346,3 @@ class _Best:
             self._save(params)
             self.step, self.value = step, value
 
-
-def _save(config, params, tokenizer_dir: Path, where: epath.Path) -> None:
-    """An HF directory of the (possibly sharded, multi-host) params, written by process 0."""
-    params = multihost_utils.process_allgather(params, tiled=True)
-    if jax.process_index() == 0:
-        PretrainedModel(config, params, tokenizer_dir).save_pretrained(where)

@@ -1,37 +1,28 @@
-"""The training loop that `pretrain` and `finetune` share.
+"""The training loop that `pretrain` and `finetune` share (set up around it by `run`).
 
-`restore_or_create` starts a run or continues its newest complete checkpoint (data iterator
-included); `train_loop` runs the steps with a progress bar (loss, tokens/s), logging on
-process 0 (`RunLog`, with throughput and model FLOPs utilisation), periodic evaluation, a
-guard against non-finite losses, checkpoints every `save_every` steps and at the end, and a
-SIGTERM handler that saves before exiting (TPU spot preemption). What differs between the
-two trainers (the model, the data, what evaluation means) comes in as arguments.
+`train_loop` runs the steps with a progress bar (loss, tokens/s), logging on process 0
+(`RunLog`, with throughput and model FLOPs utilisation), periodic evaluation, a guard against
+non-finite losses, checkpoints every `save_every` steps and at the end, and a SIGTERM handler
+that saves before exiting (TPU spot preemption). What differs between the two trainers (the
+model, the data, what evaluation means) comes in as arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
-from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from bert_jax.errors import BertJaxError
-from bert_jax.files import atomic_directory, copy_tokenizer_files
 from bert_jax.training import flops
 from bert_jax.training.checkpointing import TrainCheckpoints
 from bert_jax.training.run_log import ExampleIdLog, RunLog
-from bert_jax.training.train_step import TrainState, create_train_state, state_shardings
-
-MIN_CACHED_COMPILE_SECONDS = 1.0
+from bert_jax.training.train_step import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,42 +34,10 @@ class LoopSettings:
     max_bad_steps: int  # stop after this many non-finite losses in a row
 
 
-def use_compilation_cache(directory: str | None) -> None:
-    """Keep this process's expensive compiled programs (the train and eval steps: those that
-    took `MIN_CACHED_COMPILE_SECONDS` or more) in `directory`, so a restarted run skips XLA
-    compilation; None turns the cache off."""
-    path = None if directory is None else os.path.expanduser(directory)
-    if path == jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
-    compilation_cache.reset_cache()  # a compile before this call has settled "no cache"
-
-
-def restore_or_create(checkpoints: TrainCheckpoints, resume: bool, config, optimizer, mesh,
-                      create: Callable[[], TrainState]) -> tuple[TrainState, dict | None]:
-    """(state, its checkpoint's record) of the newest checkpoint when resuming, else
-    (`create()`, None). Checkpoints left by another run are never silently overwritten."""
-    latest = checkpoints.latest_step() if resume else None
-    if latest is not None:
-        return checkpoints.restore(latest, abstract_state(config, optimizer, mesh))
-    if checkpoints.latest_step() is not None:
-        raise BertJaxError(f"{checkpoints.directory}: holds checkpoints; pass --resume to "
-                           f"continue them, or choose another train.output_dir")
-    return create(), None
-
-
-def abstract_state(config, optimizer, mesh):
-    """The TrainState's shapes, dtypes and shardings: a restore target, nothing allocated."""
-    shapes = jax.eval_shape(lambda: create_train_state(config, optimizer, mesh))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        state_shardings(config, optimizer, mesh))
-
-
 def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh, batch_sharding,
                checkpoints: TrainCheckpoints, record: Callable[[], dict], log: RunLog,
-               throughput: Throughput, evaluate: Callable[[TrainState], dict] | None = None,
-               eval_at_start: bool = False, consumed: ExampleIdLog | None = None,
+               consumed: ExampleIdLog, throughput: Throughput,
+               evaluate: Callable[[TrainState], dict] | None = None, eval_at_start: bool = False,
                logged_with: Callable[[int], dict] | None = None,
                progress: bool = True, desc: str = "train") -> tuple[TrainState, dict, bool]:
     """Train from `state.step` to `settings.steps` -> (state, last logged metrics, whether a
@@ -88,8 +47,9 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
     `step_fn(state, global batch)` -> (state, metrics with "loss" and "skipped");
     `evaluate(state)` -> metrics, run every `eval_every` steps, at the end, and with
     `eval_at_start` before a fresh run's first step; `record()` -> the JSON saved with each
-    checkpoint (e.g. the data iterator's state); `logged_with(step)` -> host-side figures
-    logged with each step's metrics (e.g. DP-SGD's epsilon so far).
+    checkpoint (e.g. the data iterator's state); `consumed` gets each step's example ids;
+    `logged_with(step)` -> host-side figures logged with each step's metrics (e.g. DP-SGD's
+    epsilon so far).
     """
     out = checkpoints.directory.parent
     start_step = int(state.step)
@@ -105,8 +65,7 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
                 local_batch = next(data)
                 state, step_metrics = step_fn(state, global_batch(local_batch, batch_sharding))
                 throughput.count(local_batch["attention_mask"])
-                if consumed is not None:
-                    consumed.write(step + 1, local_batch["example_id"])
+                consumed.write(step + 1, local_batch["example_id"])
                 bad_in_a_row = bad_in_a_row + 1 if bool(step_metrics["skipped"]) else 0
                 if bad_in_a_row >= settings.max_bad_steps:
                     raise BertJaxError(f"{bad_in_a_row} non-finite losses in a row at step "
@@ -182,14 +141,3 @@ class _Preemption:
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
 
-
-def run_directory(out: epath.Path, recipe, config, tokenizer_dir: Path) -> None:
-    """Create the run directory (local or gs://) and write there (process 0) what
-    `bert-jax export` needs besides the checkpoints: the recipe, the trained model's config
-    (`model_config.json`) and the tokenizer (`tokenizer/`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
-        (out / "model_config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        with atomic_directory(out / "tokenizer") as staging:
-            copy_tokenizer_files(Path(tokenizer_dir), staging)

@@ -27,19 +27,16 @@ _NO_DECAY_SUFFIXES = ("bias", "scale", "lambdas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
-    """What `build_optimizer` builds.
+class OptimizerSettings:
+    """What every recipe's `optimizer:` section holds; the schedule's length is each kind's
+    own (`OptimizerConfig`'s counts, fine-tuning's `FinetuneOptimizer` derives them).
 
-    `warmup_steps` and `total_steps` count optimizer updates, i.e. accumulated steps: with
-    `accumulation_steps=k` the schedule advances once every k micro-batches.
     `eps=1e-6` is BERT's (Google's `AdamWeightDecayOptimizer` and the HF recipes), not
     optax's/PyTorch's 1e-8 default.
     """
 
     name: str = "adamw"  # "adamw" | "lamb"
     learning_rate: float
-    warmup_steps: int
-    total_steps: int
     schedule: str = "linear"  # "linear" | "cosine" | "constant" (after warmup)
     b1: float = 0.9
     b2: float = 0.999
@@ -47,6 +44,18 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     clip_norm: float | None = None  # global-norm clipping of the (accumulated) gradient
     accumulation_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig(OptimizerSettings):
+    """What `build_optimizer` builds, and pretraining's `optimizer:` section.
+
+    `warmup_steps` and `total_steps` count optimizer updates, i.e. accumulated steps: with
+    `accumulation_steps=k` the schedule advances once every k micro-batches.
+    """
+
+    warmup_steps: int
+    total_steps: int
 
     def __post_init__(self):
         def bad(field: str, why: str):

@@ -162,6 +162,11 @@ class DpPlan:
         return self._new_accountant().compose(
             self._event(self.noise_multiplier, steps)).get_epsilon(self.config.delta)
 
+    def guarantee(self, steps: int) -> dict:
+        """What a run logs with its metrics after `steps` steps: the guarantee so far, at the
+        config's delta."""
+        return {"epsilon": self.epsilon(steps), "noise_multiplier": self.noise_multiplier}
+
     def sample(self, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices_R, mask_R): the examples of `step`, padded to `rows` with index 0 and
         mask False. The same (seed, step) always gives the same sample.

@@ -3,7 +3,9 @@
 Every key is checked against the recipe's dataclasses (`Recipe` below for pretraining,
 `finetune.FinetuneRecipe` for fine-tuning), so a misspelt key is an error naming it rather
 than a silently ignored setting. A section typed as a union of dataclasses is the member
-that its `task` key names (each member's `task` default), e.g. the fine-tuning data.
+that its `task` key names (each member's `task` default), e.g. the fine-tuning data. The
+sections both kinds have hold their common keys in one base (`ModelSection`, `TrainSection`,
+`optimizer.OptimizerSettings`) that each kind extends with its own keys and defaults.
 """
 
 from __future__ import annotations
@@ -28,12 +30,22 @@ COMPILATION_CACHE_DIR = "~/.cache/bert_jax/jax_cache"
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    preset: str | None = None  # a bert_jax preset name, for training from scratch
-    init_from: str | None = None  # an HF or Orbax directory, for continued pretraining
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields
+    """How the model runs: what every recipe's `model:` section holds."""
+
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False  # one nn.scan over the layers: compile time independent of depth
+
+    def runtime(self) -> dict[str, Any]:
+        """These settings, as `from_pretrained` and the presets take them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSection)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainModel(ModelSection):
+    preset: str | None = None  # a bert_jax preset name, for training from scratch
+    init_from: str | None = None  # an HF or Orbax directory, for continued pretraining
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,29 +63,39 @@ class DataSection:
     max_span_length: int = 3  # GPT-BERT: masked spans are 1..this many tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
-    output_dir: str = "runs/pretrain"
-    steps: int = 1000
-    seed: int = 0
+    """What every recipe's `train:` section holds; each kind gives its own defaults to the
+    fields without one here."""
+
+    output_dir: str
+    seed: int
     log_every: int = 10
+    keep_checkpoints: int
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainTrain(TrainSection):
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    keep_checkpoints: int = 3
+    steps: int = 1000
     eval_every: int = 200
     eval_batches: int = 10
     save_every: int = 200
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     record_example_ids: bool = False  # audit: example_ids.process<i>.jsonl, ids fed per step
-    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    model: ModelSection = ModelSection()
+    model: PretrainModel = PretrainModel()
     data: DataSection = DataSection()
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=100,
                                                  total_steps=1000)
     mesh: MeshConfig = MeshConfig()
-    train: TrainSection = TrainSection()
+    train: PretrainTrain = PretrainTrain()
     dp: DpConfig | None = None  # DP-SGD (masked LM only, no NSP): see training/privacy.py
 
 
