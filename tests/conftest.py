@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    """One cache directory for the whole run, made by the main process before any worker
+    starts (workers and the CLI processes tests start inherit it): runs of the same tiny
+    recipe share their compiled steps, and nothing is written to the user's ~/.cache."""
+    if "BERT_JAX_TEST_CACHE" not in os.environ:
+        os.environ["BERT_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="bert_jax_test_cache_")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("BERT_JAX_TEST_CACHE"),
+                                                 ignore_errors=True))
+    os.environ["XDG_CACHE_HOME"] = os.environ["BERT_JAX_TEST_CACHE"]
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

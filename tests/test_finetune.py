@@ -311,6 +311,12 @@ def test_preempted_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatc
         assert run("stopped") == 0
     stopped = tmp_path / "stopped"
     assert not (stopped / "hf").exists() and (stopped / "checkpoints" / "7").is_dir()
+    # The stopped run's step exports as a model transformers loads (warmup_ratio's schedule
+    # cannot be rebuilt without the data, and need not be).
+    assert main(["export", str(stopped), str(tmp_path / "step7"), "--step", "7"]) == 0
+    exported = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "step7")
+    assert exported.config.id2label == {0: "neg", 1: "pos"}
     assert run("stopped") == 1  # checkpoints there: only with --resume
     assert run("stopped", resume=True) == 0
     assert losses_of(stopped) == losses_of(tmp_path / "straight")

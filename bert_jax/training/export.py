@@ -10,6 +10,7 @@ run's as trained (task head, id2label / label2id, problem_type).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -66,10 +67,12 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, step: 
 
 
 def _optimizer_config(section: dict, fine_tuned: bool) -> OptimizerConfig:
-    """The run's optimizer settings; the schedule's length (which fine-tuning derives from its
-    data) does not change the optimizer state's structure, so one step stands in for it."""
+    """The run's optimizer settings; the schedule (whose length fine-tuning derives from its
+    data) does not change the optimizer state's structure, so one step without warmup
+    stands in for it."""
     if fine_tuned:
-        return FinetuneOptimizer(**section).optimizer_config(steps=1)
+        settings = dataclasses.replace(FinetuneOptimizer(**section), warmup_steps=0)
+        return settings.optimizer_config(steps=1)
     return OptimizerConfig(**section)
 
 

@@ -11,6 +11,7 @@ sections both kinds have hold their common keys in one base (`ModelSection`, `Tr
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from bert_jax.training.privacy import DpConfig
 
 # Default of `train.compilation_cache_dir` (pretraining and fine-tuning): compiled programs kept
 # across runs (restarts, resumes, the next run of the same shapes) by JAX's persistent
-# compilation cache; null turns it off. Local or gs://.
-COMPILATION_CACHE_DIR = "~/.cache/bert_jax/jax_cache"
+# compilation cache; null turns it off. Local or gs://. Under $XDG_CACHE_HOME where it is set.
+COMPILATION_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "bert_jax",
+                                     "jax_cache")
 
 
 @dataclasses.dataclass(frozen=True)
