@@ -152,15 +152,12 @@ class DpPlan:
         """The config's, or the smallest (to 1e-6) that meets its target epsilon."""
         if self.config.noise_multiplier is not None:
             return float(self.config.noise_multiplier)
-        return float(dp_accounting.calibrate_dp_mechanism(
-            self._new_accountant, lambda sigma: self._event(sigma, self.steps),
-            self.config.target_epsilon, self.config.delta))
+        return self._accounting.noise_multiplier_for(self.config.target_epsilon, self.steps)
 
     def epsilon(self, steps: int | None = None) -> float:
         """Epsilon at the config's delta after `steps` steps (default: the whole run)."""
         steps = self.steps if steps is None else steps
-        return self._new_accountant().compose(
-            self._event(self.noise_multiplier, steps)).get_epsilon(self.config.delta)
+        return self._accounting.epsilon(self.noise_multiplier, steps)
 
     def guarantee(self, steps: int) -> dict:
         """What a run logs with its metrics after `steps` steps: the guarantee so far, at the
@@ -188,26 +185,52 @@ class DpPlan:
         mask[filled] = True
         return indices, mask
 
-    def _new_accountant(self):
-        if self.config.sampling == "fixed":
-            return rdp.RdpAccountant(neighboring_relation=_REPLACE_ONE)
-        return _new_accountant(self.config.accountant)
+    @property
+    def _accounting(self) -> _Accounting:
+        if self.config.sampling == "poisson":
+            return _poisson_accounting(self.sample_rate, self.config.delta,
+                                       self.config.accountant)
+
+        # Replacing one example moves the clipped sum by up to 2 * clip_norm: the noise is
+        # noise_multiplier / 2 times that sensitivity.
+        def fixed_size(noise_multiplier: float) -> dp_accounting.DpEvent:
+            return dp_accounting.SampledWithoutReplacementDpEvent(
+                self.dataset_size, self.batch_size,
+                dp_accounting.GaussianDpEvent(noise_multiplier / 2))
+
+        return _Accounting(lambda: rdp.RdpAccountant(neighboring_relation=_REPLACE_ONE),
+                           fixed_size, self.config.delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Accounting:
+    """Epsilon of a DP-SGD run and its inverse, for one sampling scheme: `step_event` is one
+    step's DpEvent at a noise multiplier, `new_accountant` makes a fresh accountant."""
+
+    new_accountant: Callable[[], Any]
+    step_event: Callable[[float], dp_accounting.DpEvent]
+    delta: float
 
     def _event(self, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
         if noise_multiplier == 0:  # no privacy (and dp_accounting's sampled RDP divides by it)
             return dp_accounting.NonPrivateDpEvent()
-        if self.config.sampling == "poisson":
-            return _poisson_event(noise_multiplier, self.sample_rate, steps)
-        # Replacing one example moves the clipped sum by up to 2 * clip_norm: the noise is
-        # noise_multiplier / 2 times that sensitivity.
-        return dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
-            self.dataset_size, self.batch_size,
-            dp_accounting.GaussianDpEvent(noise_multiplier / 2)), steps)
+        return dp_accounting.SelfComposedDpEvent(self.step_event(noise_multiplier), steps)
+
+    def epsilon(self, noise_multiplier: float, steps: int) -> float:
+        return self.new_accountant().compose(
+            self._event(noise_multiplier, steps)).get_epsilon(self.delta)
+
+    def noise_multiplier_for(self, target_epsilon: float, steps: int) -> float:
+        """The smallest noise multiplier (to 1e-6) whose epsilon is at most the target."""
+        return float(dp_accounting.calibrate_dp_mechanism(
+            self.new_accountant, lambda sigma: self._event(sigma, steps), target_epsilon,
+            self.delta))
 
 
-def _poisson_event(noise_multiplier: float, sample_rate: float, steps: int):
-    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+def _poisson_accounting(sample_rate: float, delta: float, accountant: str) -> _Accounting:
+    return _Accounting(lambda: _new_accountant(accountant),
+                       lambda sigma: dp_accounting.PoissonSampledDpEvent(
+                           sample_rate, dp_accounting.GaussianDpEvent(sigma)), delta)
 
 
 def _new_accountant(accountant: str):
@@ -220,16 +243,14 @@ def _new_accountant(accountant: str):
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
             accountant: str = "rdp") -> float:
     """Epsilon at `delta` of `steps` DP-SGD steps with Poisson sampling at `sample_rate`."""
-    return _new_accountant(accountant).compose(
-        _poisson_event(noise_multiplier, sample_rate, steps)).get_epsilon(delta)
+    return _poisson_accounting(sample_rate, delta, accountant).epsilon(noise_multiplier, steps)
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          accountant: str = "rdp") -> float:
     """The smallest noise multiplier (to 1e-6) whose `epsilon` is at most `target_epsilon`."""
-    return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _new_accountant(accountant),
-        lambda sigma: _poisson_event(sigma, sample_rate, steps), target_epsilon, delta))
+    return _poisson_accounting(sample_rate, delta, accountant).noise_multiplier_for(
+        target_epsilon, steps)
 
 
 def clipped_gradients(loss_fn: Callable[[Any, dict, jax.Array], jax.Array], params,
