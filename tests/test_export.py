@@ -4,7 +4,6 @@ exported on this process's one device, as the run's own export writes it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import transformers
+from conftest import simulated_devices_env, transformers
 
 import bert_jax
 from bert_jax.cli import main
@@ -32,10 +31,8 @@ def run(corpus, tmp_path_factory) -> Path:
             "--tokenizer", str(corpus / "tok"), "--quiet"]
     for item in sets:
         args += ["--set", item]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # unoptimised XLA: compiles ~30% faster
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=16 "
-                        "--xla_backend_optimization_level=0"}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, env=simulated_devices_env(16), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

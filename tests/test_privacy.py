@@ -9,7 +9,6 @@ Run as a script, this file is the 16-device side of the sharding test:
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import simulated_devices_env
 from dp_accounting import pld, rdp
 from scipy import stats
 
@@ -157,11 +157,8 @@ def test_padding_rows_and_a_nonfinite_example_change_nothing_else(run):
 @pytest.mark.slow
 def test_one_device_equals_sixteen(run, tmp_path):
     out = tmp_path / "sixteen.npz"
-    # LLVM's optimisation level halves the compile time and leaves the partitioning alone.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
-           "--xla_force_host_platform_device_count=16 --xla_backend_optimization_level=0"}
-    result = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, __file__, str(out)], env=simulated_devices_env(16),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sixteen = np.load(out)
     assert int(sixteen["devices"]) == 16

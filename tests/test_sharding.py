@@ -3,7 +3,6 @@ devices (data 2 x fsdp 4 x tensor 2), and bad meshes / batches are refused."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import simulated_devices_env
 from flax import traverse_util
 
 import bert_jax
@@ -23,10 +23,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "sharded_step.py"
 
 def run_steps(tmp_path, devices: int, mesh: tuple[int, int, int], *checkpoint_dir):
     out = tmp_path / f"mesh_{'x'.join(map(str, mesh))}.npz"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, str(SCRIPT), str(out), *map(str, mesh),
-                             *map(str, checkpoint_dir)], env=env,
+                             *map(str, checkpoint_dir)], env=simulated_devices_env(devices),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return np.load(out)

@@ -4,7 +4,6 @@ forward and gradients under every mask kind it expresses, the fallbacks, and who
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NORBERT4_TINY, example_batch, run_hf
+from conftest import NORBERT4_TINY, example_batch, run_hf, simulated_devices_env
 
 import bert_jax
 from bert_jax.convert.families import BERT
@@ -165,11 +164,10 @@ def test_gradients_on_a_mesh(tmp_path):
     """Under a mesh the kernel runs per shard (shard_map) and the gradients are unchanged."""
     qkv, mask = random_qkv(), make_mask(**CASES["all"])
     np.savez(tmp_path / "inputs.npz", *qkv, mask.key_padding_BS, mask.query_segment_ids_BT)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path / "inputs.npz"),
                              str(tmp_path / "grads.npz")],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            env=simulated_devices_env(4), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, mask) ** 2),
                         argnums=(0, 1, 2))(*qkv)
