@@ -25,6 +25,13 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 
+def pytest_collection_modifyitems(items):
+    """Slow-marked tests first, so that two workers finish together instead of one waiting
+    for the other's last long test (pytest.ini's `--dist loadgroup` keeps each module that
+    shares an expensive module fixture on one worker)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def simulated_devices_env(devices: int) -> dict[str, str]:
     """The environment of a process that sees `devices` simulated CPU devices."""
     flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"

@@ -21,6 +21,10 @@ from bert_jax.convert.weight_files import read_state_dict
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-mlm.yaml"
 
 
+# One worker runs the module's tests: its fixture trains a model.
+pytestmark = pytest.mark.xdist_group("export")
+
+
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory) -> Path:
     """10 steps of tiny-mlm on 16 CPU devices, checkpointed at steps 5 and 10."""

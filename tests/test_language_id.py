@@ -25,11 +25,11 @@ DOMAINS = ["sed", "findutils", "diffutils", "gdk-pixbuf", "gtk20", "tar", "shado
 MARGIN = 0.5  # accuracy at least majority + 0.5
 PER_LANGUAGE = 0.6  # every language, Danish and Bokmål included
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.xdist_group("language_id"), pytest.mark.skipif(
     not all((LOCALE / lang / "LC_MESSAGES" / f"{domain}.mo").is_file()
             for lang in ("sv", "nb", "da") for domain in DOMAINS),
     reason=f"the sv, nb and da gettext catalogs ({', '.join(DOMAINS)}) are not installed "
-           f"under {LOCALE} (Debian/Ubuntu install them with the packages' translations)")
+           f"under {LOCALE} (Debian/Ubuntu install them with the packages' translations)")]
 
 
 @pytest.fixture(scope="module")
