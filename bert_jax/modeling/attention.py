@@ -155,11 +155,18 @@ def _reference(q_BTNH, k_BSNH, v_BSNH, mask, scale, dropout_rate, dropout_rng):
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
     if mask is not None:  # rows with no visible key: zeros, not a uniform average
         probs_BNTS = jnp.where(mask, probs_BNTS, 0.0)
-    if dropout_rng is not None and dropout_rate > 0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BNTS.shape)
-        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - dropout_rate), 0.0)
+    probs_BNTS = _dropout(probs_BNTS, dropout_rate, dropout_rng)
     o_BNTH = jnp.einsum("bnts,bnsh->bnth", probs_BNTS.astype(v_BNSH.dtype), v_BNSH)
     return o_BNTH.transpose(0, 2, 1, 3)
+
+
+def _dropout(probs, rate: float, rng):
+    """Inverted dropout on attention probabilities of any layout (none without `rng`): one
+    independent keep draw per (query, key) entry, kept ones scaled by 1 / (1 - rate)."""
+    if rng is None or rate <= 0:
+        return probs
+    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    return jnp.where(keep, probs / (1.0 - rate), 0.0)
 
 
 def _query_chunked_reference(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, scale, dropout_rate,
@@ -283,8 +290,6 @@ def _blockwise_reference(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, scale, dro
                               preferred_element_type=jnp.float32) * scale
     scores_BKNCW = jnp.where(allowed_BKNCW, scores_BKNCW, jnp.finfo(jnp.float32).min)
     probs_BKNCW = jnp.where(allowed_BKNCW, jax.nn.softmax(scores_BKNCW, axis=-1), 0.0)
-    if dropout_rng is not None and dropout_rate > 0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKNCW.shape)
-        probs_BKNCW = jnp.where(keep, probs_BKNCW / (1.0 - dropout_rate), 0.0)
+    probs_BKNCW = _dropout(probs_BKNCW, dropout_rate, dropout_rng)
     o_BKCNH = jnp.einsum("bkncw,bkwnh->bkcnh", probs_BKNCW.astype(v_BSNH.dtype), v_BKWNH)
     return o_BKCNH.reshape(batch, blocks * block, heads, -1)[:, :length]

@@ -8,27 +8,18 @@ and MLP, a final LN on the encoder output).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.config import BertConfig
-from bert_jax.modeling.heads import (
-    Classifier,
-    MaskedLMHead,
-    Pooler,
-    at_positions,
-    labels_at,
-    segment_classification_loss,
-)
+from bert_jax.modeling.heads import Classifier, MaskedLMHead, Pooler, at_positions, labels_at
 from bert_jax.modeling.layers import (
     activation,
     constrain_hidden,
     dense,
     embed,
     layer_norm,
-    merge_choices,
     remat_layer,
 )
 from bert_jax.modeling.outputs import (
@@ -38,6 +29,7 @@ from bert_jax.modeling.outputs import (
     QuestionAnsweringOutput,
 )
 from bert_jax.modeling.scan import LAYERS, scan_layers
+from bert_jax.modeling.task_models import TaskModel
 
 
 class Embeddings(nn.Module):
@@ -47,7 +39,8 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT, deterministic):
         c = self.config
         kw = dict(std=c.initializer_range, dtype=jnp.float32, param_dtype=c.param_dtype)
-        x_BTD = (embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), name="word_embeddings", **kw)(input_ids_BT)
+        x_BTD = (embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), name="word_embeddings",
+                       **kw)(input_ids_BT)
                  + embed(c.type_vocab_size, c.hidden_size, ("token_types", "embed"),
                          name="token_type_embeddings", **kw)(token_type_ids_BT)
                  + embed(c.max_position_embeddings, c.hidden_size, ("positions", "embed"),
@@ -99,11 +92,12 @@ class Layer(nn.Module):
             return dense(c.hidden_size, ("mlp", "embed"), name="mlp_out", **dense_kw)(h)
 
         if c.norm_placement == "post":
-            x = attention_norm(x_BTD + dropout(attention(x_BTD, mask, deterministic), deterministic))
+            x = attention_norm(x_BTD + dropout(attention(x_BTD, mask, deterministic),
+                                               deterministic))
             x = mlp_norm(x + dropout(mlp(x.astype(c.dtype)), deterministic))
         else:
-            x = x_BTD + dropout(attention(attention_norm(x_BTD).astype(c.dtype), mask, deterministic),
-                                deterministic)
+            x = x_BTD + dropout(attention(attention_norm(x_BTD).astype(c.dtype), mask,
+                                          deterministic), deterministic)
             x = x + dropout(mlp(mlp_norm(x).astype(c.dtype)), deterministic)
         return x.astype(c.dtype)
 
@@ -149,7 +143,8 @@ class BertModel(nn.Module):
                 hidden_states += list(x_LBTD)
         else:
             for i in range(c.num_hidden_layers):
-                x_BTD = constrain_hidden(layer_cls(c, name=f"layer_{i}")(x_BTD, mask, deterministic))
+                x_BTD = constrain_hidden(layer_cls(c, name=f"layer_{i}")(x_BTD, mask,
+                                                                         deterministic))
                 hidden_states.append(x_BTD)
         if c.norm_placement == "pre":
             x_BTD = layer_norm(c.layer_norm_eps, param_dtype=c.param_dtype,
@@ -164,45 +159,67 @@ class BertModel(nn.Module):
         )
 
 
-def _word_embeddings(bert: BertModel) -> jax.Array:
-    """The word embedding table of a bound BertModel, for the tied MLM decoder."""
-    return nn.meta.unbox(bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
-
-
-def _masked_lm(config, bert: BertModel, x_BTD, labels_BT, masked_positions_BP):
-    """MLM logits and the labels they answer: everywhere, or at `masked_positions_BP`."""
-    if masked_positions_BP is not None:
-        x_BTD = at_positions(x_BTD, masked_positions_BP)
-        labels_BT = None if labels_BT is None else labels_at(labels_BT, masked_positions_BP)
-    return MaskedLMHead(config, name="mlm")(x_BTD, _word_embeddings(bert)), labels_BT
-
-
-class BertForBaseModel(nn.Module):
-    """HF `BertModel` under the `bert` name, so every task model shares the encoder subtree."""
+class BertTaskModel(TaskModel):
+    """What BERT's task models do their own way: `BertModel` under `bert`, whose pooler over
+    [CLS] is the sequence vector; dropout then one dense layer as classifiers; a masked-LM
+    head tied to the word embeddings."""
 
     config: BertConfig
+
+    def encode(self, inputs, deterministic, output_hidden_states, *, pooled=False,
+               segment_ids=None, cls_positions=None) -> BaseModelOutput:
+        return BertModel(self.config, add_pooling_layer=pooled, name="bert")(
+            *inputs, deterministic, output_hidden_states, segment_ids, cls_positions)
+
+    def sequence_vector(self, out, cls_positions_BP):
+        return out.pooler_output
+
+    def classify(self, x, num_outputs, deterministic):
+        c = self.config
+        return Classifier(c, num_outputs, c.classifier_dropout_prob, name="classifier")(
+            x, deterministic)
+
+    def span_logits(self, x_BTD, deterministic):
+        return Classifier(self.config, 2, name="qa_outputs")(x_BTD, deterministic)
+
+    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic):
+        logits, labels = self.masked_lm_logits(x_BTD, labels_BT, masked_positions_BP)
+        return logits, None if labels is None else losses.cross_entropy(logits, labels)
+
+    def masked_lm_logits(self, x_BTD, labels_BT, masked_positions_BP):
+        """MLM logits and the labels they answer: everywhere, or at `masked_positions_BP`."""
+        if masked_positions_BP is not None:
+            x_BTD = at_positions(x_BTD, masked_positions_BP)
+            labels_BT = None if labels_BT is None else labels_at(labels_BT, masked_positions_BP)
+        embedding_VD = nn.meta.unbox(  # the encoder's, for the tied decoder
+            self.variables["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"])
+        return MaskedLMHead(self.config, name="mlm")(x_BTD, embedding_VD), labels_BT
+
+    def nsp(self, pooled_BD, deterministic):
+        return Classifier(self.config, 2, name="nsp")(pooled_BD, deterministic)
+
+
+class BertForBaseModel(BertTaskModel):
+    """HF `BertModel` under the `bert` name, so every task model shares the encoder subtree."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic=True, output_hidden_states=False) -> BaseModelOutput:
-        return BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids,
-                                                   position_ids, deterministic, output_hidden_states)
+        return self.base_model((input_ids, attention_mask, token_type_ids, position_ids),
+                               deterministic, output_hidden_states)
 
 
-class BertForPreTraining(nn.Module):
-    config: BertConfig
-
+class BertForPreTraining(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, next_sentence_label=None, masked_positions=None,
                  deterministic=True, output_hidden_states=False) -> PreTrainingOutput:
         """`masked_positions` as in `BertForMaskedLM`."""
-        bert = BertModel(self.config, name="bert")
-        out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                   output_hidden_states)
-        mlm_logits, labels = _masked_lm(self.config, bert, out.last_hidden_state, labels,
-                                        masked_positions)
-        nsp_logits = Classifier(self.config, 2, name="nsp")(out.pooler_output, deterministic)
+        out = self.encode((input_ids, attention_mask, token_type_ids, position_ids),
+                          deterministic, output_hidden_states, pooled=True)
+        mlm_logits, labels = self.masked_lm_logits(out.last_hidden_state, labels,
+                                                   masked_positions)
+        nsp_logits = self.nsp(out.pooler_output, deterministic)
         loss = None
         if labels is not None and next_sentence_label is not None:
             loss = losses.cross_entropy(mlm_logits, labels) + losses.cross_entropy(
@@ -210,9 +227,7 @@ class BertForPreTraining(nn.Module):
         return PreTrainingOutput(mlm_logits, nsp_logits, loss, out.hidden_states)
 
 
-class BertForMaskedLM(nn.Module):
-    config: BertConfig
-
+class BertForMaskedLM(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, masked_positions=None, deterministic=True,
@@ -221,107 +236,61 @@ class BertForMaskedLM(nn.Module):
         computes the logits `[B, P, V]` at those positions only, and the loss over the labels
         there: the same loss when they hold every labelled position, for a fraction of the
         head's cost (the vocabulary projection is a fifth of BERT-base's FLOPs)."""
-        bert = BertModel(self.config, add_pooling_layer=False, name="bert")
-        out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-                   output_hidden_states)
-        logits, labels = _masked_lm(self.config, bert, out.last_hidden_state, labels,
-                                    masked_positions)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.masked_lm((input_ids, attention_mask, token_type_ids, position_ids), labels,
+                              masked_positions, deterministic, output_hidden_states)
 
 
-class BertForNextSentencePrediction(nn.Module):
-    config: BertConfig
-
+class BertForNextSentencePrediction(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
-        out = BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids,
-                                                  position_ids, deterministic, output_hidden_states)
-        logits = Classifier(self.config, 2, name="nsp")(out.pooler_output, deterministic)
+        out = self.encode((input_ids, attention_mask, token_type_ids, position_ids),
+                          deterministic, output_hidden_states, pooled=True)
+        logits = self.nsp(out.pooler_output, deterministic)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states)
 
 
-class BertForSequenceClassification(nn.Module):
-    """Single-label, multi-label or regression on the pooled [CLS] vector; on packed rows
-    (`segment_ids`, `cls_positions`) each segment's, logits `[B, P, C]`, labels `[B, P]`."""
-
-    config: BertConfig
+class BertForSequenceClassification(BertTaskModel):
+    """Classifies the pooled [CLS] vector (of each segment on packed rows)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, deterministic=True, output_hidden_states=False, segment_ids=None,
                  cls_positions=None) -> LogitsOutput:
-        c = self.config
-        out = BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
-                                        deterministic, output_hidden_states, segment_ids,
-                                        cls_positions)
-        logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
-            out.pooler_output, deterministic)
-        loss = None
-        if labels is not None and cls_positions is not None:
-            loss = segment_classification_loss(logits, labels, cls_positions, c.problem_type)
-        elif labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.sequence_classification(
+            (input_ids, attention_mask, token_type_ids, position_ids), labels, deterministic,
+            output_hidden_states, segment_ids, cls_positions)
 
 
-class BertForTokenClassification(nn.Module):
-    """Per-token logits; packed rows give `segment_ids` and per-segment `position_ids`."""
-
-    config: BertConfig
-
+class BertForTokenClassification(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, deterministic=True, output_hidden_states=False,
                  segment_ids=None) -> LogitsOutput:
-        c = self.config
-        out = BertModel(c, add_pooling_layer=False, name="bert")(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic,
+        return self.token_classification(
+            (input_ids, attention_mask, token_type_ids, position_ids), labels, deterministic,
             output_hidden_states, segment_ids)
-        logits = Classifier(c, c.num_labels, c.classifier_dropout_prob, name="classifier")(
-            out.last_hidden_state, deterministic)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states)
 
 
-class BertForQuestionAnswering(nn.Module):
-    config: BertConfig
-
+class BertForQuestionAnswering(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  start_positions=None, end_positions=None, deterministic=True,
                  output_hidden_states=False) -> QuestionAnsweringOutput:
-        out = BertModel(self.config, add_pooling_layer=False, name="bert")(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic,
-            output_hidden_states)
-        logits_BT2 = Classifier(self.config, 2, name="qa_outputs")(out.last_hidden_state,
-                                                                   deterministic)
-        start_logits, end_logits = logits_BT2[..., 0], logits_BT2[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringOutput(start_logits, end_logits, loss, out.hidden_states)
+        return self.question_answering(
+            (input_ids, attention_mask, token_type_ids, position_ids), start_positions,
+            end_positions, deterministic, output_hidden_states)
 
 
-class BertForMultipleChoice(nn.Module):
-    """Inputs are [B, C, T]; each choice is scored from its pooled vector."""
-
-    config: BertConfig
+class BertForMultipleChoice(BertTaskModel):
+    """Each choice is scored from its pooled [CLS] vector."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, deterministic=True, output_hidden_states=False) -> LogitsOutput:
-        c = self.config
-        num_choices = input_ids.shape[1]
-        out = BertModel(c, name="bert")(
-            merge_choices(input_ids), merge_choices(attention_mask), merge_choices(token_type_ids),
-            merge_choices(position_ids), deterministic, output_hidden_states)
-        logits = Classifier(c, 1, c.classifier_dropout_prob, name="classifier")(
-            out.pooler_output, deterministic).reshape(-1, num_choices)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.multiple_choice((input_ids, attention_mask, token_type_ids, position_ids),
+                                    labels, deterministic, output_hidden_states)
 
 
 TASK_MODELS = {
@@ -334,4 +303,3 @@ TASK_MODELS = {
     "ForQuestionAnswering": BertForQuestionAnswering,
     "ForMultipleChoice": BertForMultipleChoice,
 }
-

@@ -51,7 +51,7 @@ class ModelConfig:
         if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
                                f"not {self.dtype}")
-        self.head  # validates `architectures`
+        _ = self.head  # raises on an `architectures` this family does not have
 
     @property
     def class_prefix(self) -> str:
@@ -213,7 +213,8 @@ class BertConfig(ModelConfig):
             )
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise BertJaxError(f"config.json: position_embedding_type "
-                               f"{hf['position_embedding_type']!r} is not supported (only 'absolute')")
+                               f"{hf['position_embedding_type']!r} is not supported "
+                               f"(only 'absolute')")
         for flag in ("is_decoder", "add_cross_attention"):
             if hf.get(flag):
                 raise BertJaxError(f"config.json: {flag}=true is not supported (encoder only)")

@@ -18,10 +18,11 @@ from bert_jax.errors import BertJaxError
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
-from bert_jax.modeling.heads import at_positions, segment_classification_loss
-from bert_jax.modeling.layers import constrain_hidden, merge_choices, remat_layer
-from bert_jax.modeling.scan import LAYERS, scan_layers
+from bert_jax.modeling.heads import at_cls
+from bert_jax.modeling.layers import constrain_hidden, remat_layer
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
+from bert_jax.modeling.scan import LAYERS, scan_layers
+from bert_jax.modeling.task_models import TaskModel
 
 
 def norm(x, eps: float, axes: int | tuple[int, ...] = -1):
@@ -59,8 +60,8 @@ class ScaledLinear(nn.Module):
         c = self.config
         in_shape = x.shape[-self.in_dims:]
         in_axes = self.kernel_axes[: self.in_dims]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), in_axes),
-                           in_shape, c.param_dtype)
+        scale_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), in_axes)
+        scale = self.param("scale", scale_init, in_shape, c.param_dtype)
         multiplier = (1.0 + scale.astype(jnp.float32)).reshape(in_shape + (1,) * len(self.features))
         init = nn.with_logical_partitioning(
             nn.initializers.truncated_normal(_init_std(c)), self.kernel_axes)
@@ -107,8 +108,9 @@ class SelfAttention(nn.Module):
         """
         c, eps = self.config, self.config.layer_norm_eps
         n, dqk, dv = c.num_attention_heads, c.query_key_head_size, c.value_head_size
-        q_BTNH, k_BTNH = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c,
-                                      kernels=("query", "key"), name="qk_proj")(norm(qk_in_BTD, eps))
+        qk_proj = ScaledLinear((n, dqk), ("embed", "heads", "kv"), c, kernels=("query", "key"),
+                               name="qk_proj")
+        q_BTNH, k_BTNH = qk_proj(norm(qk_in_BTD, eps))
         v_BTNH = ScaledLinear((n, dv), ("embed", "heads", "kv"), c, name="v_proj")(
             norm(value_in_BTD, eps))
         scale_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv"))
@@ -273,7 +275,8 @@ class GptBertModel(nn.Module):
         embedding = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.float32,
                              param_dtype=c.param_dtype, name="word_embedding",
                              embedding_init=nn.with_logical_partitioning(
-                                 nn.initializers.truncated_normal(_init_std(c)), ("vocab", "embed")))
+                                 nn.initializers.truncated_normal(_init_std(c)),
+                                 ("vocab", "embed")))
         word_scale = self.param("word_scale", nn.with_logical_partitioning(
             nn.initializers.zeros_init(), ("embed",)), (c.hidden_size,), c.param_dtype)
         emb_BTD = norm(embedding(input_ids), c.layer_norm_eps) * (1.0 + word_scale)
@@ -362,14 +365,42 @@ def next_token_loss(logits_BTV, labels_BT):
     return losses.cross_entropy(logits_BTV[:, :-1], labels_BT[:, 1:])
 
 
-class _WithEncoder(nn.Module):
-    config: GptBertConfig
+class GptBertTaskModel(TaskModel):
+    """What GPT-BERT's task models do their own way: `GptBertModel` under `model` (no token
+    types, no pooler: position 0 is the sequence vector), its `Classifier` (dropout before
+    the output layer), bounded next-token LM logits; LM outputs carry the last hidden state,
+    as the reference's do."""
 
-    def encode(self, input_ids, attention_mask, position_ids, deterministic, output_hidden_states,
-               past_key_values=None, segment_ids=None, causal_rows=None):
-        return GptBertModel(self.config, name="model")(input_ids, attention_mask, position_ids,
-                                                       deterministic, output_hidden_states,
-                                                       past_key_values, segment_ids, causal_rows)
+    config: GptBertConfig
+    lm_last_hidden_state = True
+
+    def encode(self, inputs, deterministic, output_hidden_states, *, pooled=False,
+               segment_ids=None, cls_positions=None, past_key_values=None,
+               causal_rows=None) -> BaseModelOutput:
+        """`pooled` and `cls_positions` concern `sequence_vector` only; decoding gives
+        `past_key_values`, the pretraining objective `causal_rows`."""
+        return GptBertModel(self.config, name="model")(
+            *inputs, deterministic, output_hidden_states, past_key_values, segment_ids,
+            causal_rows)
+
+    def sequence_vector(self, out, cls_positions_BP):
+        return at_cls(out.last_hidden_state, cls_positions_BP)
+
+    def classify(self, x, num_outputs, deterministic):
+        c = self.config
+        return Classifier(c, num_outputs, "output_projection", c.classifier_dropout or 0.0,
+                          name="classifier")(x, deterministic)
+
+    def span_logits(self, x_BTD, deterministic):
+        """Output 0 is the start logit, output 1 the end logit."""
+        return self.classify(x_BTD, self.config.num_labels, deterministic)
+
+    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic):
+        """The next-token loss; the logits shifted right by one (`_predicting_own_position`).
+        Never `masked_positions_BP`: its masked LM does not take them."""
+        z_BTV = self.lm_logits(x_BTD, deterministic)
+        loss = None if labels_BT is None else next_token_loss(z_BTV, labels_BT)
+        return _predicting_own_position(z_BTV, self.config.bos_token_id), loss
 
     def lm_logits(self, h_BTD, deterministic: bool):
         """The LM heads' bounded vocabulary logits of every position (unshifted)."""
@@ -377,38 +408,27 @@ class _WithEncoder(nn.Module):
         return bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
             h_BTD, deterministic))
 
-    def classify(self, x, num_outputs: int, deterministic: bool):
-        """The task heads' classifier (dropout before its output layer)."""
-        c = self.config
-        return Classifier(c, num_outputs, "output_projection", c.classifier_dropout or 0.0,
-                          name="classifier")(x, deterministic)
 
-
-class GptBertForBaseModel(_WithEncoder):
+class GptBertForBaseModel(GptBertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True,
                  output_hidden_states=False) -> BaseModelOutput:
-        return self.encode(input_ids, attention_mask, position_ids, deterministic,
-                           output_hidden_states)
+        return self.base_model((input_ids, attention_mask, position_ids), deterministic,
+                               output_hidden_states)
 
 
-class GptBertForMaskedLM(_WithEncoder):
+class GptBertForMaskedLM(GptBertTaskModel):
     """Bidirectional; logits returned shifted right by one (the BOS one-hot at position 0),
     so `logits[:, i]` predicts the token at position i, as the reference returns them."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False) -> LogitsOutput:
-        c = self.config
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states)
-        z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
-        loss = None if labels is None else next_token_loss(z_BTV, labels)
-        return LogitsOutput(_predicting_own_position(z_BTV, c.bos_token_id), loss,
-                            out.hidden_states, out.last_hidden_state)
+        return self.masked_lm((input_ids, attention_mask, position_ids), labels, None,
+                              deterministic, output_hidden_states)
 
 
-class GptBertForPreTraining(_WithEncoder):
+class GptBertForPreTraining(GptBertTaskModel):
     """GPT-BERT's hybrid objective on packed rows (`data.pipeline.gpt_bert_pipeline`): masked
     next-token prediction on bidirectional rows, next-token prediction on `causal_rows`, one
     LM head. Each objective's loss is its token mean, weighted by its share of the rows, so
@@ -420,7 +440,7 @@ class GptBertForPreTraining(_WithEncoder):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                  causal_rows=None, labels=None, deterministic=True,
                  output_hidden_states=False) -> LogitsOutput:
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
+        out = self.encode((input_ids, attention_mask, position_ids), deterministic,
                           output_hidden_states, segment_ids=segment_ids, causal_rows=causal_rows)
         z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None
@@ -447,98 +467,69 @@ def _or_zero(loss):
     return jnp.where(jnp.isfinite(loss), loss, 0.0)
 
 
-class GptBertForCausalLM(_WithEncoder):
+class GptBertForCausalLM(GptBertTaskModel):
     """Causal attention; standard next-token logits (not shifted). Decodes with a cache."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False,
                  past_key_values=None) -> LogitsOutput:
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states, past_key_values)
+        out = self.encode((input_ids, attention_mask, position_ids), deterministic,
+                          output_hidden_states, past_key_values=past_key_values)
         logits = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None if labels is None else next_token_loss(logits, labels)
         return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state,
                             out.past_key_values)
 
 
-class GptBertForSequenceClassification(_WithEncoder):
-    """Classifies from position 0 (the `<s>` token); on packed rows (`segment_ids`,
-    `cls_positions`) from each segment's first token, logits `[B, P, C]`, labels `[B, P]`."""
+class GptBertForSequenceClassification(GptBertTaskModel):
+    """Classifies from position 0 (the `<s>` token), or each packed segment's first token."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False, segment_ids=None,
                  cls_positions=None) -> LogitsOutput:
-        c = self.config
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states, segment_ids=segment_ids)
-        h = out.last_hidden_state
-        pooled = h[:, 0] if cls_positions is None else at_positions(h, cls_positions)
-        logits = self.classify(pooled, c.num_labels, deterministic)
-        loss = None
-        if labels is not None and cls_positions is not None:
-            loss = segment_classification_loss(logits, labels, cls_positions, c.problem_type)
-        elif labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, c.problem_type)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.sequence_classification(
+            (input_ids, attention_mask, position_ids), labels, deterministic,
+            output_hidden_states, segment_ids, cls_positions)
 
 
-class GptBertForTokenClassification(_WithEncoder):
-    """Per-token logits; packed rows give `segment_ids` and per-segment `position_ids`."""
-
+class GptBertForTokenClassification(GptBertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False,
                  segment_ids=None) -> LogitsOutput:
-        c = self.config
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states, segment_ids=segment_ids)
-        logits = self.classify(out.last_hidden_state, c.num_labels, deterministic)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.token_classification((input_ids, attention_mask, position_ids), labels,
+                                         deterministic, output_hidden_states, segment_ids)
 
 
-class GptBertForQuestionAnswering(_WithEncoder):
-    """Output 0 is the start logit, output 1 the end logit."""
-
+class GptBertForQuestionAnswering(GptBertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, start_positions=None,
                  end_positions=None, deterministic=True,
                  output_hidden_states=False) -> QuestionAnsweringOutput:
-        c = self.config
-        out = self.encode(input_ids, attention_mask, position_ids, deterministic,
-                          output_hidden_states)
-        logits_BT2 = self.classify(out.last_hidden_state, c.num_labels, deterministic)
-        start_logits, end_logits = logits_BT2[..., 0], logits_BT2[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringOutput(start_logits, end_logits, loss, out.hidden_states)
+        return self.question_answering((input_ids, attention_mask, position_ids),
+                                       start_positions, end_positions, deterministic,
+                                       output_hidden_states)
 
 
-class GptBertForMultipleChoice(_WithEncoder):
-    """Inputs [B, C, T]; each choice scored from its position 0. (The reference applies its
-    classifier to every position and reshapes, which does not give one score per choice;
-    we pool position 0 as sequence classification does.)"""
+class GptBertForMultipleChoice(GptBertTaskModel):
+    """Each choice scored from its position 0. (The reference applies its classifier to
+    every position and reshapes, which does not give one score per choice; we pool position
+    0 as sequence classification does.)"""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                  deterministic=True, output_hidden_states=False) -> LogitsOutput:
-        num_choices = input_ids.shape[1]
-        out = self.encode(merge_choices(input_ids), merge_choices(attention_mask),
-                          merge_choices(position_ids), deterministic, output_hidden_states)
-        logits = self.classify(out.last_hidden_state[:, 0], 1, deterministic)
-        logits = logits.reshape(-1, num_choices)
-        loss = None if labels is None else losses.cross_entropy(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states)
+        return self.multiple_choice((input_ids, attention_mask, position_ids), labels,
+                                    deterministic, output_hidden_states)
 
 
 TASK_MODELS = {
     "Model": GptBertForBaseModel,
     "ForMaskedLM": GptBertForMaskedLM,
     "ForCausalLM": GptBertForCausalLM,
-    "ForPreTraining": GptBertForPreTraining,  # bert_jax's pretraining objective, not in the Hub code
+    "ForPreTraining": GptBertForPreTraining,  # bert_jax's pretraining objective, not Hub code
     "ForSequenceClassification": GptBertForSequenceClassification,
     "ForTokenClassification": GptBertForTokenClassification,
     "ForQuestionAnswering": GptBertForQuestionAnswering,

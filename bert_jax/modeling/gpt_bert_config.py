@@ -66,7 +66,8 @@ class GptBertConfig(ModelConfig):
 
     def __post_init__(self):
         if self.window_rule not in ("exclusive", "inclusive"):
-            raise BertJaxError(f"window_rule {self.window_rule!r} is not 'exclusive' or 'inclusive'")
+            raise BertJaxError(f"window_rule {self.window_rule!r} is not 'exclusive' or "
+                               f"'inclusive'")
         if self.scan_layers and not self.scannable:
             raise BertJaxError(f"scan_layers=true needs num_layers ({self.num_layers}) to be a "
                                f"multiple of local_global_ratio ({self.local_global_ratio}): "

@@ -51,9 +51,8 @@ class Pooler(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, cls_positions_BP=None):
         c = self.config
-        x = x_BTD[:, 0] if cls_positions_BP is None else at_positions(x_BTD, cls_positions_BP)
         x = dense(c.hidden_size, ("embed", "mlp"), std=c.initializer_range, dtype=c.dtype,
-                  param_dtype=c.param_dtype, name="dense")(x)
+                  param_dtype=c.param_dtype, name="dense")(at_cls(x_BTD, cls_positions_BP))
         return jnp.tanh(x)
 
 
@@ -71,6 +70,12 @@ class Classifier(nn.Module):
         logits = dense(self.num_outputs, ("embed", "classes"), std=c.initializer_range,
                        dtype=c.dtype, param_dtype=c.param_dtype, name="dense")(x)
         return logits.astype(jnp.float32)
+
+
+def at_cls(x_BTD, cls_positions_BP=None):
+    """What sequence-level heads read: position 0 `[B, D]`, or on packed rows each segment's
+    first token `[B, P, D]`."""
+    return x_BTD[:, 0] if cls_positions_BP is None else at_positions(x_BTD, cls_positions_BP)
 
 
 def at_positions(x_BTD, positions_BP):
