@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bert_jax import sharding
 from bert_jax.convert import hf_dir, orbax_dir
 from bert_jax.convert.families import family_of_config
 from bert_jax.convert.weight_files import find_weights, read_state_dict
@@ -92,35 +93,59 @@ class PretrainedModel:
 
 def from_pretrained(name_or_path: str | Path, *, head: str | None = None,
                     num_labels: int | None = None, seed: int = 0, revision: str | None = None,
-                    **runtime: Any) -> PretrainedModel:
+                    mesh: jax.sharding.Mesh | None = None, **runtime: Any) -> PretrainedModel:
     """Load an HF directory, a bert_jax Orbax directory (either local or gs://, downloaded
     first), or a Hub model id.
 
     head: another task head than `config.architectures[0]`, e.g. "ForSequenceClassification"
         (missing head weights are initialised from `seed`, as `transformers` does).
-    runtime: `dtype`, `param_dtype`, `attention_backend`, `remat`, `scan_layers`.
+    mesh: read the weights on the host and put each parameter straight into its sharding on
+        this device mesh (`bert_jax.sharding`'s rules): no device ever holds a whole copy of
+        a parameter the mesh splits. Default: one device.
+    runtime: `dtype`, `param_dtype`, `attention_backend`, `remat`, `scan_layers`,
+        `vocab_multiple` (hold the vocabulary padded to a multiple of it; outputs and saved
+        files keep `vocab_size`).
     """
-    model_dir = _resolve(name_or_path, revision)
-    is_hf, is_orbax = hf_dir.is_hf_dir(model_dir), orbax_dir.is_orbax_dir(model_dir)
-    if not (is_hf or is_orbax):
-        raise BertJaxError(f"{model_dir}: no model found (expected config.json with "
-                           f"model.safetensors / pytorch_model.bin, or with an Orbax params/ dir)")
-    saved_config = hf_dir.load_config(model_dir, **runtime)
+    model_dir = resolve(name_or_path, revision)
+    saved_config = load_config(model_dir, **runtime)
     config = saved_config
     if head is not None or num_labels is not None:
         config = saved_config.with_head(head or saved_config.head, num_labels)
-
-    if is_hf:
-        state_dict, source = read_state_dict(model_dir), str(find_weights(model_dir))
+    on_device = mesh is None
+    stored = unscanned(saved_config).with_vocab_multiple(1)  # the layout files hold
+    if orbax_dir.is_orbax_dir(model_dir) and unscanned(config).with_vocab_multiple(1) == stored:
+        saved = orbax_dir.load_params(model_dir, abstract_params(stored), on_device=on_device)
+        params = to_scanned(config, family_of_config(config).pad_vocab(config, saved))
     else:
-        stored = unscanned(saved_config)  # the layout Orbax dirs hold, as HF dirs
-        saved = orbax_dir.load_params(model_dir, abstract_params(stored))
-        if unscanned(config) == stored:  # no other head: the params as they are, maybe stacked
-            return PretrainedModel(config, to_scanned(config, saved), model_dir)
-        state_dict = hf_dir.hf_state_dict(stored, saved)
-        source = str(model_dir / orbax_dir.PARAMS_DIR)
-    params = hf_dir.params_from_hf(config, state_dict, source, seed)
-    return PretrainedModel(config, params, model_dir)
+        state_dict, source = hf_tensors(model_dir, saved_config)
+        params = hf_dir.params_from_hf(config, state_dict, source, seed, on_device)
+    return PretrainedModel(config, placed(config, params, mesh), model_dir)
+
+
+def load_config(model_dir: Path, **runtime):
+    """The config of the model in `model_dir` (an HF or bert_jax Orbax directory)."""
+    if not (hf_dir.is_hf_dir(model_dir) or orbax_dir.is_orbax_dir(model_dir)):
+        raise BertJaxError(f"{model_dir}: no model found (expected config.json with "
+                           f"model.safetensors / pytorch_model.bin, or with an Orbax params/ dir)")
+    return hf_dir.load_config(model_dir, **runtime)
+
+
+def hf_tensors(model_dir: Path, saved_config) -> tuple[dict[str, np.ndarray], str]:
+    """(The model's tensors as an HF checkpoint holds them, on the host; where they came
+    from) for the model `saved_config` in `model_dir`, an HF or Orbax directory."""
+    if hf_dir.is_hf_dir(model_dir):
+        return read_state_dict(model_dir), str(find_weights(model_dir))
+    stored = unscanned(saved_config).with_vocab_multiple(1)
+    saved = orbax_dir.load_params(model_dir, abstract_params(stored), on_device=False)
+    return hf_dir.hf_state_dict(stored, saved), str(model_dir / orbax_dir.PARAMS_DIR)
+
+
+def placed(config, params, mesh: jax.sharding.Mesh | None):
+    """`params` as they are without a mesh; else host arrays put straight into their
+    shardings on `mesh`."""
+    if mesh is None:
+        return params
+    return sharding.place(params, family_of_config(config).param_shardings(config, mesh))
 
 
 def abstract_params(config):
@@ -131,7 +156,8 @@ def abstract_params(config):
                         family_of_config(config).unrolled_abstract_params(config))
 
 
-def _resolve(name_or_path: str | Path, revision: str | None) -> Path:
+def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """The local directory of a local, gs:// (downloaded) or Hub (downloaded) model."""
     if is_remote(name_or_path):
         return local_copy(name_or_path)
     path = Path(name_or_path)

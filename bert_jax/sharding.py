@@ -3,13 +3,19 @@
 Every parameter carries logical axis names (`bert_jax/modeling/layers.py`); `LOGICAL_AXIS_RULES`
 maps them onto the mesh axes ("data", "fsdp", "tensor"). Batches are split over data x fsdp;
 parameters (and the optimizer state that mirrors them) are split over fsdp on the hidden
-axis and over tensor on heads / mlp / vocab. A dimension that a mesh axis does not divide is
-replicated instead, so tiny models run on any mesh.
+axis and over tensor on heads / mlp / vocab.
+
+A parameter dimension that its mesh axes do not divide is an error naming the parameter, its
+shape and the mesh (`param_shardings`), never a silent copy on every device: the vocabulary
+is padded instead (`vocab_multiple`, `ModelConfig.vocab_multiple`), and a mesh that should
+replicate what it cannot split says so (`MeshConfig.allow_replication`). Activations whose
+batch or length a mesh axis does not divide stay whole (`activation_spec`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import flax.linen as nn
@@ -18,6 +24,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bert_jax.errors import BertJaxError
+
+logger = logging.getLogger("bert_jax")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -36,15 +44,23 @@ LOGICAL_AXIS_RULES = (
     ("length", None),
     ("act_embed", None),
 )
+# Vocabulary rows per `tensor` shard are padded to a multiple of this (`vocab_multiple`): the
+# TPU's 128 lanes, and Megatron-LM's default `make_vocab_size_divisible_by`.
+VOCAB_ROWS_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
+    """Sizes of the mesh axes; one of them may be -1 to take the remaining devices.
+
+    allow_replication: replicate dims the mesh does not divide, instead of refusing (each
+        such parameter, and its optimizer moments, is then whole on every device).
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    allow_replication: bool = False
 
     def shape(self, device_count: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -80,13 +96,71 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
     return PartitionSpec(*fitted)
 
 
-def param_shardings(abstract_boxed_params, mesh: Mesh):
-    """NamedShardings for a param tree of `nn.Partitioned` leaves (from `jax.eval_shape`)."""
+def vocab_multiple(mesh: Mesh) -> int:
+    """What a model trained on `mesh` pads its vocabulary to a multiple of
+    (`config.with_vocab_multiple`): 128 rows per `tensor` shard, so the embedding, the MLM
+    decoder and their optimizer moments split over `tensor` whatever the vocabulary size."""
+    return VOCAB_ROWS_MULTIPLE * mesh.shape["tensor"]
+
+
+def describe(mesh: Mesh) -> str:
+    """`data=2 x fsdp=4 x tensor=2`: the mesh as error messages name it."""
+    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def param_shardings(abstract_boxed_params, mesh: Mesh, *, allow_replication: bool = False):
+    """NamedShardings for a param tree of `nn.Partitioned` leaves (from `jax.eval_shape`).
+
+    A dimension that its mesh axes do not divide is a BertJaxError naming the parameter, its
+    shape and the mesh; with `allow_replication` (`MeshConfig.allow_replication`) it is
+    replicated instead.
+    """
     logical = nn.get_partition_spec(abstract_boxed_params)
     mesh_specs = nn.logical_to_mesh(logical, LOGICAL_AXIS_RULES)
     shapes = nn.meta.unbox(abstract_boxed_params)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
-                        mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    refused: list[str] = []
+
+    def fit_param(path, spec, names, x):
+        fitted = _fit(spec, x.shape, mesh)
+        if fitted != _padded(spec, x.ndim):
+            refused.append(_undivided(_path_name(path), x.shape, spec, names, mesh))
+        return NamedSharding(mesh, fitted)
+
+    out = jax.tree_util.tree_map_with_path(fit_param, mesh_specs, logical, shapes,
+                                           is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if refused and not allow_replication:
+        more = f" (and {len(refused) - 1} more parameters)" if len(refused) > 1 else ""
+        raise BertJaxError(f"{refused[0]}{more}")
+    if refused:
+        logger.info("Replicated over the mesh (allow_replication): %s", "; ".join(refused))
+    return out
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    return PartitionSpec(*(tuple(spec) + (None,) * (ndim - len(spec))))
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _undivided(name: str, shape: tuple[int, ...], spec: PartitionSpec,
+               names: PartitionSpec, mesh: Mesh) -> str:
+    """What is wrong with the first dimension of `name` that its mesh axes do not divide."""
+    logical = tuple(names) + (None,) * (len(shape) - len(names))
+    for i, (dim, axes) in enumerate(zip(shape, tuple(_padded(spec, len(shape))))):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size:
+            where = f"mesh axis {axes[0]!r}" if len(axes) == 1 else f"mesh axes {axes}"
+            hint = ("pad the vocabulary: config.with_vocab_multiple(sharding.vocab_multiple("
+                    "mesh))" if logical[i] == "vocab" else
+                    "choose mesh sizes that divide it, or set mesh.allow_replication: true to "
+                    "replicate it on every device")
+            return (f"parameter {name} of shape {tuple(shape)}: dimension {i} ({dim}, logical "
+                    f"axis {logical[i]!r}) does not split over {where} of size {size} "
+                    f"(mesh {describe(mesh)}); {hint}")
+    raise AssertionError(name)
 
 
 def activation_spec(logical: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec | None:
@@ -128,3 +202,10 @@ def bytes_per_device(tree) -> int:
         for device in leaf.sharding.device_set:
             per_device[device] = per_device.get(device, 0) + size
     return max(per_device.values())
+
+
+def place(host_params, shardings):
+    """Host (NumPy) arrays -> global arrays laid out by `shardings`, each device given only
+    its own slice (`jax.make_array_from_callback`; every process passes the same arrays)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        x.shape, s, lambda index: np.asarray(x[index])), host_params, shardings)

@@ -136,3 +136,119 @@ def test_reference_dropout():
     np.testing.assert_array_equal(dropped, _dropout(0.5, key))
     assert not np.array_equal(dropped, _dropout(0.5, jax.random.key(2)))
     np.testing.assert_array_equal(_dropout(0.0, key), plain)
+
+
+# --- the fast backends and attention dropout ----------------------------------------------------
+
+FAST_BACKENDS = ("jax", "cudnn", "splash")
+
+
+def tiny_model(family: str, backend: str, dropout: float):
+    """A tiny BERT or GPT-BERT masked LM on `backend` with attention dropout `dropout`."""
+    import bert_jax
+    from bert_jax.convert.families import BERT, GPT_BERT
+
+    dtype = "bfloat16" if backend == "cudnn" else "float32"  # cuDNN's flash attention needs it
+    if family == "bert":
+        config = bert_jax.preset("tiny", attention_backend=backend, dtype=dtype,
+                                 attention_probs_dropout_prob=dropout)
+        return BERT.build_module(config), config
+    config = bert_jax.preset("norbert4-tiny", attention_backend=backend, dtype=dtype,
+                             attention_dropout=dropout)
+    return GPT_BERT.build_module(config), config
+
+
+def training_trace(module, **inputs):
+    """Trace (nothing runs) a training forward: init and apply with dropout on."""
+    ids = jnp.ones((2, 16), jnp.int32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(lambda: module.init(rngs, ids, deterministic=False, **inputs))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt-bert"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fast_backends_refuse_attention_dropout_in_training(family, backend):
+    """Training on a backend without attention dropout is refused at trace time, naming the
+    settings to change; inference (dropout off) on the same config is not."""
+    import bert_jax
+
+    module, config = tiny_model(family, backend, dropout=0.1)
+    field = config.ATTENTION_DROPOUT_FIELD
+    with pytest.raises(bert_jax.BertJaxError) as err:
+        training_trace(module)
+    assert str(err.value) == (f"attention_backend {backend!r} has no attention dropout: set "
+                              f"{field}: 0 or attention_backend: reference")
+    if not needs_gpu(backend):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((2, 16), jnp.int32)))
+
+
+def needs_gpu(backend: str) -> bool:
+    """cuDNN's kernel cannot even be traced without a GPU."""
+    return backend == "cudnn" and jax.default_backend() != "gpu"
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt-bert"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fast_backends_train_without_attention_dropout(family, backend):
+    """With attention dropout 0 a training forward runs on every backend (on the CPU, cuDNN's
+    gets past the dropout check to JAX's cuDNN wrapper, which then needs a GPU)."""
+    import bert_jax
+
+    module, _ = tiny_model(family, backend, dropout=0.0)
+    if needs_gpu(backend):
+        with pytest.raises(Exception) as err:
+            training_trace(module)
+        assert not isinstance(err.value, bert_jax.BertJaxError)
+        return
+    ids = jnp.ones((2, 16), jnp.int32)
+    variables = module.init(jax.random.key(0), ids)
+    out = module.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert np.all(np.isfinite(np.asarray(out.logits, np.float32)))
+
+
+def test_reference_backend_still_trains_with_attention_dropout():
+    module, _ = tiny_model("bert", "reference", dropout=0.1)
+    training_trace(module)
+
+
+@pytest.mark.parametrize("backend,instead", [("splash", "the reference backend"),
+                                             ("cudnn", "XLA's dot_product_attention")])
+def test_fallback_is_logged_once(backend, instead, caplog, monkeypatch):
+    """A mask the backend cannot express (per-row causal: GPT-BERT pretraining) runs on another
+    path, and says so once per process, however many layers and traces hit it."""
+    from bert_jax.modeling import attention
+
+    monkeypatch.setattr(attention, "_FALLBACKS_LOGGED", set())
+    q, k, v = random_qkv(jnp.bfloat16 if backend == "cudnn" else jnp.float32)
+    mask = AttentionMask(key_padding_BS=make_mask(padding=True).key_padding_BS,
+                         causal_rows_B=jnp.asarray([True, False]))
+    with caplog.at_level("WARNING", logger="bert_jax"):
+        for _ in range(3):
+            jax.eval_shape(lambda q, k, v: attend(q, k, v, mask, backend=backend), q, k, v)
+    records = [r for r in caplog.records if r.name == "bert_jax"]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert f"attention_backend '{backend}' cannot express per-row causal" in message
+    assert message.endswith(f"runs on {instead}")
+
+
+def test_gpt_bert_pretraining_on_splash_falls_back_and_logs_once(caplog, monkeypatch):
+    """GPT-BERT's hybrid objective (causal rows) on splash: the reference's numbers, one log."""
+    import bert_jax
+    from bert_jax.convert.families import GPT_BERT
+    from bert_jax.modeling import attention
+
+    monkeypatch.setattr(attention, "_FALLBACKS_LOGGED", set())
+    outs = []
+    with caplog.at_level("WARNING", logger="bert_jax"):
+        for backend in ("reference", "splash"):
+            config = bert_jax.preset("norbert4-tiny", architectures=("GptBertForPreTraining",),
+                                     attention_backend=backend)
+            module = GPT_BERT.build_module(config)
+            ids = jnp.asarray(np.random.default_rng(0).integers(5, 256, (2, 16)), jnp.int32)
+            params = GPT_BERT.init_params(config)
+            outs.append(module.apply({"params": params}, ids, labels=ids,
+                                     causal_rows=jnp.asarray([True, False]), deterministic=False,
+                                     rngs={"dropout": jax.random.key(1)}).loss)
+    np.testing.assert_allclose(float(outs[1]), float(outs[0]), atol=1e-6, rtol=0)
+    assert len([r for r in caplog.records if "cannot express" in r.getMessage()]) == 1

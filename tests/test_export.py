@@ -30,7 +30,8 @@ def run(corpus, tmp_path_factory) -> Path:
     """10 steps of tiny-mlm on 16 CPU devices, checkpointed at steps 5 and 10."""
     out = tmp_path_factory.mktemp("export") / "run"
     sets = [f"data.train={corpus / 'train'}", "data.eval=null", f"train.output_dir={out}",
-            "train.steps=10", "train.save_every=5", "train.log_every=5"]
+            "train.steps=10", "optimizer.warmup_steps=2", "train.save_every=5",
+            "train.log_every=5"]
     args = [sys.executable, "-m", "bert_jax.cli", "pretrain", "--config", str(RECIPE),
             "--tokenizer", str(corpus / "tok"), "--quiet"]
     for item in sets:

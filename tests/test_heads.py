@@ -19,8 +19,10 @@ OUTPUT_FLAGS = ("deterministic", "output_hidden_states")
 SIGNATURES = {
     ("bert", "Model"): BERT_INPUTS + OUTPUT_FLAGS,
     ("bert", "ForPreTraining"): BERT_INPUTS + ("labels", "next_sentence_label",
-                                               "masked_positions") + OUTPUT_FLAGS,
-    ("bert", "ForMaskedLM"): BERT_INPUTS + ("labels", "masked_positions") + OUTPUT_FLAGS,
+                                               "masked_positions") + OUTPUT_FLAGS
+    + ("loss_counts",),
+    ("bert", "ForMaskedLM"): BERT_INPUTS + ("labels", "masked_positions") + OUTPUT_FLAGS
+    + ("loss_counts",),
     ("bert", "ForNextSentencePrediction"): BERT_INPUTS + ("labels",) + OUTPUT_FLAGS,
     ("bert", "ForSequenceClassification"): BERT_INPUTS + ("labels",) + OUTPUT_FLAGS
     + ("segment_ids", "cls_positions"),
@@ -30,11 +32,11 @@ SIGNATURES = {
     + OUTPUT_FLAGS,
     ("bert", "ForMultipleChoice"): BERT_INPUTS + ("labels",) + OUTPUT_FLAGS,
     ("gpt-bert", "Model"): GPT_BERT_INPUTS + OUTPUT_FLAGS,
-    ("gpt-bert", "ForMaskedLM"): GPT_BERT_INPUTS + ("labels",) + OUTPUT_FLAGS,
+    ("gpt-bert", "ForMaskedLM"): GPT_BERT_INPUTS + ("labels",) + OUTPUT_FLAGS + ("loss_counts",),
     ("gpt-bert", "ForCausalLM"): GPT_BERT_INPUTS + ("labels",) + OUTPUT_FLAGS
     + ("past_key_values",),
     ("gpt-bert", "ForPreTraining"): GPT_BERT_INPUTS + ("segment_ids", "causal_rows", "labels")
-    + OUTPUT_FLAGS,
+    + OUTPUT_FLAGS + ("loss_counts",),
     ("gpt-bert", "ForSequenceClassification"): GPT_BERT_INPUTS + ("labels",) + OUTPUT_FLAGS
     + ("segment_ids", "cls_positions"),
     ("gpt-bert", "ForTokenClassification"): GPT_BERT_INPUTS + ("labels",) + OUTPUT_FLAGS

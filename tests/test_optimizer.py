@@ -238,33 +238,6 @@ def _params_and_grads(n: int, seed: int = 0):
     return params, grads
 
 
-def test_accumulation_equals_one_step_on_the_mean():
-    """k=4 micro-batches = one step on their mean gradient (clipping applied to the mean),
-    twice in a row, so the inner step count advances once per 4 micro-batches."""
-    base = dict(learning_rate=1e-2, warmup_steps=0, total_steps=5, clip_norm=1.0)
-    accum = build_optimizer(OptimizerConfig(**base, accumulation_steps=4))
-    plain = build_optimizer(OptimizerConfig(**base))
-    params, grads = _params_and_grads(8)
-    p_accum, s_accum = params, accum.init(params)
-    p_plain, s_plain = params, plain.init(params)
-    for round_ in range(2):
-        micro = grads[4 * round_: 4 * round_ + 4]
-        for i, g in enumerate(micro):
-            updates, s_accum = accum.update(g, s_accum, p_accum)
-            before = p_accum
-            p_accum = optax.apply_updates(p_accum, updates)
-            if i < 3:
-                assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, before,
-                                                                     p_accum))
-        mean = jax.tree_util.tree_map(lambda *g: sum(g) / 4, *micro)
-        updates, s_plain = plain.update(mean, s_plain, p_plain)
-        p_plain = optax.apply_updates(p_plain, updates)
-        for ours, theirs in zip(jax.tree_util.tree_leaves(p_accum),
-                                jax.tree_util.tree_leaves(p_plain)):
-            np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
-    assert not np.allclose(p_plain["dense"]["kernel"], params["dense"]["kernel"])
-
-
 # ---------------------------------------------------------------------------- LAMB
 
 def test_lamb_matches_optax_and_differs_from_adamw():

@@ -19,7 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
                                   "ts1-continued.yaml", "tiny-mlm.yaml"])
 def test_shipped_recipes_load(name):
     recipe = load_recipe(CONFIGS / name)
-    assert recipe.train.steps == recipe.optimizer.total_steps
+    schedule = recipe.optimizer.optimizer_config(recipe.train.steps)
+    assert schedule.total_steps == recipe.train.steps
     if recipe.model.preset is not None:  # the model and its objective can be built
         config = preset(recipe.model.preset, **recipe.model.overrides)
         assert pretraining_head(config, recipe.data.nsp) in config.HEADS

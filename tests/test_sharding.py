@@ -1,8 +1,10 @@
 """Meshes and shardings: one train step on 1 device equals the same step on 16 simulated CPU
-devices (data 2 x fsdp 4 x tensor 2), and bad meshes / batches are refused."""
+devices (data 2 x fsdp 4 x tensor 2); a padded vocabulary splits over `tensor`; bad meshes,
+batches and parameter dimensions a mesh does not divide are refused."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,114 @@ def test_every_logical_axis_has_a_rule():
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         names = {n for leaf in leaves for n in leaf.names}
         assert names <= known, names - known
+
+
+# On 8 simulated devices (fsdp 2 x tensor 4): a BERT-base-sized vocabulary (30522, which 4 does
+# not divide) on a tiny model. Unpadded it is refused; padded to `vocab_multiple(mesh)` (512:
+# 30720 rows) the word embedding and the untied MLM decoder and bias split over `tensor`, and
+# the sharded padded model gives the one-device unpadded model's loss and logits.
+VOCAB_SCRIPT = """
+import json, sys, functools, jax, numpy as np
+import bert_jax
+from bert_jax import sharding
+from bert_jax.convert.families import BERT
+mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
+config = bert_jax.preset("tiny", vocab_size=30522, intermediate_size=64, tie_word_embeddings=False)
+try:
+    sharding.param_shardings(BERT.abstract_variables(config)["params"], mesh)
+    refused = ""
+except bert_jax.BertJaxError as err:
+    refused = str(err)
+padded = config.with_vocab_multiple(sharding.vocab_multiple(mesh))
+shardings = sharding.param_shardings(BERT.abstract_variables(padded)["params"], mesh)
+params = jax.jit(functools.partial(BERT.fresh_params, padded), out_shardings=shardings)(
+    jax.random.key(0))
+shapes = {name: [list(s.data.shape) for s in x.addressable_shards] for name, x in (
+    ("embedding", params["bert"]["embeddings"]["word_embeddings"]["embedding"]),
+    ("decoder", params["mlm"]["decoder"]["kernel"]), ("bias", params["mlm"]["bias"]))}
+rng = np.random.default_rng(0)
+ids = rng.integers(0, 30522, (4, 8)).astype(np.int32)
+labels = np.where(rng.random(ids.shape) < 0.5, ids, -100).astype(np.int32)
+def run(config, params):
+    out = BERT.build_module(config).apply({"params": params}, ids, labels=labels)
+    return out.loss, out.logits
+with jax.set_mesh(mesh):
+    loss, logits = jax.jit(functools.partial(run, padded))(params)
+plain = jax.device_put(BERT.unpad_vocab(padded, jax.device_get(params)), jax.devices()[0])
+plain_loss, plain_logits = jax.jit(functools.partial(run, config))(plain)
+json.dump({"refused": refused, "padded_rows": padded.padded_vocab_size, "shapes": shapes,
+           "logits_shape": list(logits.shape), "loss": float(loss), "plain_loss": float(plain_loss),
+           "logits_diff": float(np.abs(np.asarray(logits) - np.asarray(plain_logits)).max())},
+          open(sys.argv[1], "w"))
+"""
+
+
+def test_padded_vocabulary_splits_over_tensor(tmp_path):
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-c", VOCAB_SCRIPT, str(out)],
+                          env=simulated_devices_env(8), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "bert/embeddings/word_embeddings/embedding of shape (30522, 32)" in result["refused"]
+    assert "mesh data=1 x fsdp=2 x tensor=4" in result["refused"]
+    assert "vocab_multiple" in result["refused"]
+    assert result["padded_rows"] == 30720  # 512 x 60: 128 rows per tensor shard, times 4
+    assert result["shapes"]["embedding"] == [[7680, 16]] * 8  # vocab / 4, hidden / 2
+    assert result["shapes"]["decoder"] == [[16, 7680]] * 8
+    assert result["shapes"]["bias"] == [[7680]] * 8
+    assert result["logits_shape"] == [4, 8, 30522]
+    assert result["loss"] == pytest.approx(result["plain_loss"], abs=1e-5)
+    assert result["logits_diff"] < 1e-5
+
+
+def abstract_mesh(data: int, fsdp: int, tensor: int):
+    """A mesh of these sizes without the devices: enough for `param_shardings`."""
+    return jax.sharding.AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def test_undivided_dimension_is_refused_unless_replication_is_allowed():
+    """The tiny preset's MLP width (37) on tensor=2: an error naming the parameter, its shape
+    and the mesh; with `allow_replication` that parameter is whole on every device and the
+    rest stays split."""
+    from bert_jax.convert.families import BERT
+
+    config = bert_jax.preset("tiny")
+    boxed = BERT.abstract_variables(config)["params"]
+    mesh = abstract_mesh(2, 2, 2)
+    with pytest.raises(bert_jax.BertJaxError) as err:
+        sharding.param_shardings(boxed, mesh)
+    message = str(err.value)
+    assert "parameter bert/layer_0/mlp_in/bias of shape (37,)" in message
+    assert "logical axis 'mlp'" in message and "mesh axis 'tensor' of size 2" in message
+    assert "mesh data=2 x fsdp=2 x tensor=2" in message
+    assert "allow_replication" in message and "\n" not in message
+    replicated = sharding.param_shardings(boxed, mesh, allow_replication=True)
+    layer = replicated["bert"]["layer_0"]
+    assert layer["mlp_in"]["kernel"].spec == jax.P("fsdp", None)
+    assert layer["mlp_out"]["kernel"].spec == jax.P(None, "fsdp")
+    assert layer["attention"]["query"]["kernel"].spec == jax.P("fsdp", "tensor", None)
+    # A mesh that divides every dimension needs no opt-in.
+    sharding.param_shardings(BERT.abstract_variables(
+        bert_jax.preset("tiny", intermediate_size=48))["params"], mesh)
+
+
+def test_mesh_config_opts_in_to_replication():
+    assert sharding.MeshConfig().allow_replication is False
+    assert sharding.MeshConfig(allow_replication=True).shape(4) == (1, 4, 1)
+
+
+def test_vocab_multiple_follows_the_tensor_axis():
+    assert sharding.vocab_multiple(abstract_mesh(2, 4, 1)) == 128
+    assert sharding.vocab_multiple(abstract_mesh(1, 2, 4)) == 512
+
+
+def test_activations_that_do_not_divide_stay_whole():
+    """Only parameters refuse: a batch or length the mesh does not split stays replicated."""
+    mesh = abstract_mesh(2, 2, 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert sharding.activation_spec(("batch", "length", "act_embed"), (3, 5, 32)) == jax.P(
+            None, None, None)
+        assert sharding.activation_spec(("batch", "length", "act_embed"), (8, 5, 32)) == jax.P(
+            ("data", "fsdp"), None, None)

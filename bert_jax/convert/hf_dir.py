@@ -59,13 +59,17 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
 
     on_device=False keeps NumPy arrays (views of `state_dict`, transposed where the layouts
     differ, copies only where a cast is due), to write them straight to another file. With
-    `config.scan_layers` the layers come stacked (modeling/scan.py); files always hold them
-    unrolled.
+    `config.scan_layers` the layers come stacked (modeling/scan.py), with
+    `config.vocab_multiple` the vocabulary rows padded (zeros); files always hold them
+    unrolled, at the real vocabulary size.
     """
     if config.scan_layers:
         return to_scanned(config, params_from_hf(unscanned(config), state_dict, source, seed,
                                                  on_device))
     family = family_of_config(config)
+    if config.padded_vocab_size != config.vocab_size:
+        return family.pad_vocab(config, params_from_hf(
+            config.with_vocab_multiple(1), state_dict, source, seed, on_device))
     table = family.mapping
     state_dict = table.canonical_state_dict(state_dict, source)
     rules = table.rules(config)
@@ -88,17 +92,22 @@ def params_from_hf(config, state_dict: dict[str, np.ndarray], source: str,
 
 
 def param_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Param path -> shape of the model `config` describes, layers unrolled as in files
-    (nothing is allocated)."""
-    abstract = family_of_config(config).unrolled_abstract_params(config)
+    """Param path -> shape of the model `config` describes, layers unrolled and the
+    vocabulary unpadded as in files (nothing is allocated)."""
+    abstract = family_of_config(config).unrolled_abstract_params(config.with_vocab_multiple(1))
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 
 def hf_state_dict(config, params, dtype=None) -> dict[str, np.ndarray]:
-    """The tensors of an HF checkpoint, keyed as `transformers` saves them."""
+    """The tensors of an HF checkpoint, keyed as `transformers` saves them (unrolled, at the
+    real vocabulary size, whatever layout `config` holds its params in)."""
     if config.scan_layers:
         return hf_state_dict(unscanned(config), to_unrolled(config, params), dtype)
-    table = family_of_config(config).mapping
+    family = family_of_config(config)
+    if config.padded_vocab_size != config.vocab_size:
+        return hf_state_dict(config.with_vocab_multiple(1), family.unpad_vocab(config, params),
+                             dtype)
+    table = family.mapping
     flat = traverse_util.flatten_dict(params)
     tensors = mapping.state_dict_from_params(table.rules(config), flat, dtype)
     return {saved: value for key, value in tensors.items()

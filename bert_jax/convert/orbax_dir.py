@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bert_jax.convert.families import family_of_config
 from bert_jax.errors import BertJaxError
 from bert_jax.files import atomic_directory, copy_tokenizer_files
 
@@ -40,6 +41,9 @@ def _params_handler() -> ocp.PyTreeCheckpointHandler:
 
 def save_params(config, params, out_dir: str | os.PathLike, *,
                 tokenizer_dir: Path | None = None, overwrite: bool = True) -> epath.Path:
+    """Write `config`'s params (layers unrolled) as a model directory; a padded vocabulary
+    (`config.vocab_multiple`) is cut to `vocab_size`, as config.json describes the model."""
+    params = family_of_config(config).unpad_vocab(config, params)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         config.save_json(staging / "config.json")
         with ocp.Checkpointer(_params_handler()) as checkpointer:

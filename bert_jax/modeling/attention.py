@@ -13,16 +13,26 @@ segment ids of packed sequences, causal, a sliding window) and dispatches to a b
 * "splash":    JAX's Pallas splash-attention kernel for TPU (`splash_attention.py`; interpret
                mode elsewhere). Per-row causal and decoding caches fall back to the reference.
 
+Only the reference applies dropout to the attention probabilities. The others refuse it: a
+training trace with attention dropout on another backend raises, naming the setting to change,
+rather than training without it. Where a backend hands a mask it cannot express to another
+path (the fallbacks above), that is logged once per process.
+
 Shapes: B batch, T query length, S key length, N heads, H head dim.
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from bert_jax.errors import BertJaxError
 from bert_jax.modeling import splash_attention
+
+logger = logging.getLogger("bert_jax")
 
 # Query rows per block of the blockwise sliding-window reference path (`_blockwise_reference`).
 BLOCK_SIZE = 128
@@ -89,19 +99,25 @@ class AttentionMask:
 
 def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "reference",
            scale: float | None = None, dropout_rate: float = 0.0,
-           dropout_rng: jax.Array | None = None) -> jax.Array:
+           dropout_rng: jax.Array | None = None,
+           dropout_field: str = "dropout_rate") -> jax.Array:
     """Scaled dot-product attention; returns [B, T, N, H] in q's dtype.
 
     Query rows with no visible key return zeros on the reference backend. Dropout on the
-    attention probabilities (given `dropout_rng`) is applied by the reference backend only:
-    the fused kernels have none, so the fast backends train without it.
+    attention probabilities (given `dropout_rng` and a positive `dropout_rate`) exists on the
+    reference backend only; on any other it is a BertJaxError that names `dropout_field`,
+    the config field that sets the rate.
     """
     if scale is None:
         scale = q_BTNH.shape[-1] ** -0.5
+    if backend != "reference" and dropout_rng is not None and dropout_rate > 0:
+        raise BertJaxError(f"attention_backend {backend!r} has no attention dropout: set "
+                           f"{dropout_field}: 0 or attention_backend: reference")
     if backend == "splash" and splash_attention.supports(mask):
         return splash_attention.splash_attend(q_BTNH, k_BSNH, v_BSNH, mask, scale)
-    if backend == "splash":  # not expressible in the kernel: the reference, also without dropout
-        backend, dropout_rng = "reference", None
+    if backend == "splash":  # not expressible in the kernel
+        _fallback_once("splash", "the reference backend", mask)
+        backend = "reference"
     if backend == "reference" and _use_blockwise(q_BTNH.shape[1], k_BSNH.shape[1], mask):
         return _blockwise_reference(q_BTNH, k_BSNH, v_BSNH, mask, scale, dropout_rate,
                                     dropout_rng)
@@ -115,10 +131,24 @@ def attend(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, *, backend: str = "refer
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
     if backend == "cudnn" and (mask.query_positions_BT is not None  # decoding: XLA
                                or mask.causal_rows_B is not None):  # no per-row causal in cuDNN
+        _fallback_once("cudnn", "XLA's dot_product_attention", mask)
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=dense_mask, scale=scale)
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BSNH, v_BSNH, mask, scale)
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+_FALLBACKS_LOGGED: set[tuple[str, str]] = set()
+
+
+def _fallback_once(backend: str, instead: str, mask: AttentionMask) -> None:
+    """Log (once per process and kind) that `backend` hands `mask` to another path."""
+    what = ("a decoding cache's positions" if mask.query_positions_BT is not None
+            else "per-row causal masks (causal_rows, GPT-BERT pretraining)")
+    if (backend, what) not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add((backend, what))
+        logger.warning("attention_backend %r cannot express %s: that attention runs on %s",
+                       backend, what, instead)
 
 
 def _cudnn(q_BTNH, k_BSNH, v_BSNH, mask: AttentionMask, scale):

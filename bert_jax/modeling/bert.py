@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.config import BertConfig
-from bert_jax.modeling.heads import Classifier, MaskedLMHead, Pooler, at_positions, labels_at
+from bert_jax.modeling.heads import (
+    Classifier,
+    MaskedLMHead,
+    Pooler,
+    at_positions,
+    labels_at,
+    real_vocab,
+)
 from bert_jax.modeling.layers import (
     activation,
     constrain_hidden,
@@ -39,8 +46,8 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT, deterministic):
         c = self.config
         kw = dict(std=c.initializer_range, dtype=jnp.float32, param_dtype=c.param_dtype)
-        x_BTD = (embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), name="word_embeddings",
-                       **kw)(input_ids_BT)
+        x_BTD = (embed(c.padded_vocab_size, c.hidden_size, ("vocab", "embed"),
+                       name="word_embeddings", **kw)(input_ids_BT)
                  + embed(c.type_vocab_size, c.hidden_size, ("token_types", "embed"),
                          name="token_type_embeddings", **kw)(token_type_ids_BT)
                  + embed(c.max_position_embeddings, c.hidden_size, ("positions", "embed"),
@@ -68,7 +75,8 @@ class SelfAttention(nn.Module):
         if not deterministic and c.attention_probs_dropout_prob > 0:
             dropout_rng = self.make_rng("dropout")
         o_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask, backend=c.attention_backend,
-                        dropout_rate=c.attention_probs_dropout_prob, dropout_rng=dropout_rng)
+                        dropout_rate=c.attention_probs_dropout_prob, dropout_rng=dropout_rng,
+                        dropout_field=c.ATTENTION_DROPOUT_FIELD)
         return dense(c.hidden_size, ("heads", "kv", "embed"), in_axes=(-2, -1), name="out",
                      **kw)(o_BTNH)
 
@@ -182,12 +190,18 @@ class BertTaskModel(TaskModel):
     def span_logits(self, x_BTD, deterministic):
         return Classifier(self.config, 2, name="qa_outputs")(x_BTD, deterministic)
 
-    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic):
+    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic, count=None):
         logits, labels = self.masked_lm_logits(x_BTD, labels_BT, masked_positions_BP)
-        return logits, None if labels is None else losses.cross_entropy(logits, labels)
+        out_logits = real_vocab(logits, self.config.vocab_size)
+        if labels is None:
+            return out_logits, None, None
+        return (out_logits, losses.cross_entropy(logits, labels, count=count),
+                losses.labelled(labels))
 
     def masked_lm_logits(self, x_BTD, labels_BT, masked_positions_BP):
-        """MLM logits and the labels they answer: everywhere, or at `masked_positions_BP`."""
+        """MLM logits and the labels they answer: everywhere, or at `masked_positions_BP`.
+        The logits span the padded vocabulary (padding masked): losses are computed on them,
+        outputs cut to the real one (`heads.real_vocab`)."""
         if masked_positions_BP is not None:
             x_BTD = at_positions(x_BTD, masked_positions_BP)
             labels_BT = None if labels_BT is None else labels_at(labels_BT, masked_positions_BP)
@@ -213,31 +227,39 @@ class BertForPreTraining(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, next_sentence_label=None, masked_positions=None,
-                 deterministic=True, output_hidden_states=False) -> PreTrainingOutput:
-        """`masked_positions` as in `BertForMaskedLM`."""
+                 deterministic=True, output_hidden_states=False,
+                 loss_counts=None) -> PreTrainingOutput:
+        """`masked_positions` as in `BertForMaskedLM`; `loss_counts`: a larger batch's
+        {"mlm": masked-LM labels, "nsp": NSP labels}, which the two losses divide by
+        (gradient accumulation), instead of this batch's own (returned as `loss_counts`)."""
         out = self.encode((input_ids, attention_mask, token_type_ids, position_ids),
                           deterministic, output_hidden_states, pooled=True)
         mlm_logits, labels = self.masked_lm_logits(out.last_hidden_state, labels,
                                                    masked_positions)
         nsp_logits = self.nsp(out.pooler_output, deterministic)
-        loss = None
+        loss = counts = None
         if labels is not None and next_sentence_label is not None:
-            loss = losses.cross_entropy(mlm_logits, labels) + losses.cross_entropy(
-                nsp_logits, next_sentence_label)
-        return PreTrainingOutput(mlm_logits, nsp_logits, loss, out.hidden_states)
+            counts = {"mlm": losses.labelled(labels), "nsp": losses.labelled(next_sentence_label)}
+            divide_by = counts if loss_counts is None else loss_counts
+            loss = (losses.cross_entropy(mlm_logits, labels, count=divide_by["mlm"])
+                    + losses.cross_entropy(nsp_logits, next_sentence_label,
+                                           count=divide_by["nsp"]))
+        return PreTrainingOutput(real_vocab(mlm_logits, self.config.vocab_size), nsp_logits,
+                                 loss, out.hidden_states, counts)
 
 
 class BertForMaskedLM(BertTaskModel):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  labels=None, masked_positions=None, deterministic=True,
-                 output_hidden_states=False) -> LogitsOutput:
+                 output_hidden_states=False, loss_counts=None) -> LogitsOutput:
         """`masked_positions` ([B, P], -1 in empty slots; e.g. from the pretraining pipeline)
         computes the logits `[B, P, V]` at those positions only, and the loss over the labels
         there: the same loss when they hold every labelled position, for a fraction of the
-        head's cost (the vocabulary projection is a fifth of BERT-base's FLOPs)."""
+        head's cost (the vocabulary projection is a fifth of BERT-base's FLOPs).
+        `loss_counts` as in `BertForPreTraining`."""
         return self.masked_lm((input_ids, attention_mask, token_type_ids, position_ids), labels,
-                              masked_positions, deterministic, output_hidden_states)
+                              masked_positions, deterministic, output_hidden_states, loss_counts)
 
 
 class BertForNextSentencePrediction(BertTaskModel):
@@ -303,3 +325,4 @@ TASK_MODELS = {
     "ForQuestionAnswering": BertForQuestionAnswering,
     "ForMultipleChoice": BertForMultipleChoice,
 }
+

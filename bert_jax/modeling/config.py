@@ -4,6 +4,13 @@ Architecture fields use each family's Hugging Face names, so a config round-trip
 keys that bert_jax does not use (e.g. `transformers_version`) are kept in `extra` and
 written back. `dtype`, `param_dtype` and `attention_backend` (and a family's other runtime
 fields) are choices of this run and never reach `config.json`.
+
+`vocab_multiple` is one of them: the model then holds its vocabulary rows (word embeddings,
+MLM decoder and bias) padded up to a multiple of it, so that a mesh's `tensor` axis divides
+them (`sharding.vocab_multiple`). The padding rows are zeros, their logits are masked out of
+every softmax and loss, and every output (and every file written) has `vocab_size` entries.
+`allow_replication` is another: how the params may be laid out on a mesh
+(`sharding.param_shardings`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ class ModelConfig:
 
     HEADS: ClassVar[tuple[str, ...]] = ()
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend",
-                                                 "remat", "scan_layers", "extra")
+                                                 "remat", "scan_layers", "vocab_multiple",
+                                                 "allow_replication", "extra")
+    # The config field of the attention-probabilities dropout (named in error messages).
+    ATTENTION_DROPOUT_FIELD: ClassVar[str] = ""
 
     architectures: tuple[str, ...] = ()
     labels: tuple[str, ...] | None = None  # HF id2label, in id order
@@ -40,6 +50,9 @@ class ModelConfig:
     attention_backend: str = "reference"
     remat: str = "none"
     scan_layers: bool = False  # one nn.scan over the layers (modeling/scan.py): faster compiles
+    vocab_multiple: int = 1  # vocabulary rows padded to a multiple of this (1: none)
+    # Params a mesh does not divide are replicated instead of refused (sharding.MeshConfig's)
+    allow_replication: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -48,6 +61,10 @@ class ModelConfig:
                                f"{ATTENTION_BACKENDS}")
         if self.remat not in REMAT_POLICIES:
             raise BertJaxError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        if (isinstance(self.vocab_multiple, bool) or not isinstance(self.vocab_multiple, int)
+                or self.vocab_multiple < 1):
+            raise BertJaxError(f"vocab_multiple must be a positive integer, got "
+                               f"{self.vocab_multiple!r}")
         if self.attention_backend == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise BertJaxError(f"attention_backend 'cudnn' needs dtype bfloat16 or float16, "
                                f"not {self.dtype}")
@@ -56,6 +73,16 @@ class ModelConfig:
     @property
     def class_prefix(self) -> str:
         raise NotImplementedError
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rows the model holds: `vocab_size` rounded up to `vocab_multiple`."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def with_vocab_multiple(self, multiple: int):
+        """The same model holding its vocabulary padded to a multiple of `multiple` (1: none);
+        e.g. `config.with_vocab_multiple(sharding.vocab_multiple(mesh))` before training."""
+        return dataclasses.replace(self, vocab_multiple=multiple)
 
     @property
     def layers_per_scan_step(self) -> int:
@@ -149,6 +176,8 @@ class BertConfig(ModelConfig):
         "Model", "ForPreTraining", "ForMaskedLM", "ForNextSentencePrediction",
         "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
         "ForMultipleChoice")
+
+    ATTENTION_DROPOUT_FIELD: ClassVar[str] = "attention_probs_dropout_prob"
 
     architectures: tuple[str, ...] = ("BertForMaskedLM",)
     vocab_size: int = 30522

@@ -18,7 +18,7 @@ from bert_jax.errors import BertJaxError
 from bert_jax.modeling import losses
 from bert_jax.modeling.attention import AttentionMask, attend
 from bert_jax.modeling.gpt_bert_config import GptBertConfig
-from bert_jax.modeling.heads import at_cls
+from bert_jax.modeling.heads import at_cls, mask_padded_vocab, real_vocab
 from bert_jax.modeling.layers import constrain_hidden, remat_layer
 from bert_jax.modeling.outputs import BaseModelOutput, LogitsOutput, QuestionAnsweringOutput
 from bert_jax.modeling.scan import LAYERS, scan_layers
@@ -139,7 +139,8 @@ class SelfAttention(nn.Module):
         if not deterministic and c.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
         o_BTNH = attend(q_BTNH, k_BTNH, v_BTNH, mask, backend=c.attention_backend,
-                        dropout_rate=c.attention_dropout, dropout_rng=dropout_rng)
+                        dropout_rate=c.attention_dropout, dropout_rng=dropout_rng,
+                        dropout_field=c.ATTENTION_DROPOUT_FIELD)
         out_BTD = ScaledLinear((c.hidden_size,), ("heads", "kv", "embed"), c, in_dims=2,
                                name="out_proj")(norm(o_BTNH, eps, axes=(-2, -1)))
         out_BTD = nn.Dropout(c.hidden_dropout)(out_BTD, deterministic=deterministic)
@@ -272,7 +273,7 @@ class GptBertModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        embedding = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.float32,
+        embedding = nn.Embed(c.padded_vocab_size, c.hidden_size, dtype=jnp.float32,
                              param_dtype=c.param_dtype, name="word_embedding",
                              embedding_init=nn.with_logical_partitioning(
                                  nn.initializers.truncated_normal(_init_std(c)),
@@ -360,9 +361,15 @@ def bounded(logits):
     return 30.0 * jax.nn.sigmoid(logits / 7.5)
 
 
-def next_token_loss(logits_BTV, labels_BT):
-    """Position t predicts the label at t + 1 (labels are given aligned with the inputs)."""
-    return losses.cross_entropy(logits_BTV[:, :-1], labels_BT[:, 1:])
+def next_token_loss(logits_BTV, labels_BT, count=None):
+    """Position t predicts the label at t + 1 (labels are given aligned with the inputs);
+    `count` as in `losses.cross_entropy`."""
+    return losses.cross_entropy(logits_BTV[:, :-1], labels_BT[:, 1:], count=count)
+
+
+def next_token_labels(labels_BT):
+    """How many labels `next_token_loss` is over."""
+    return losses.labelled(labels_BT[:, 1:])
 
 
 class GptBertTaskModel(TaskModel):
@@ -395,18 +402,23 @@ class GptBertTaskModel(TaskModel):
         """Output 0 is the start logit, output 1 the end logit."""
         return self.classify(x_BTD, self.config.num_labels, deterministic)
 
-    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic):
+    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic, count=None):
         """The next-token loss; the logits shifted right by one (`_predicting_own_position`).
         Never `masked_positions_BP`: its masked LM does not take them."""
         z_BTV = self.lm_logits(x_BTD, deterministic)
-        loss = None if labels_BT is None else next_token_loss(z_BTV, labels_BT)
-        return _predicting_own_position(z_BTV, self.config.bos_token_id), loss
+        logits = _predicting_own_position(z_BTV, self.config)
+        if labels_BT is None:
+            return logits, None, None
+        return logits, next_token_loss(z_BTV, labels_BT, count), next_token_labels(labels_BT)
 
     def lm_logits(self, h_BTD, deterministic: bool):
-        """The LM heads' bounded vocabulary logits of every position (unshifted)."""
+        """The LM heads' bounded vocabulary logits of every position (unshifted), over the
+        padded vocabulary with the padding masked (`heads.mask_padded_vocab`): the losses
+        are computed on these, the outputs cut to the real vocabulary."""
         c = self.config
-        return bounded(Classifier(c, c.vocab_size, "emb2vocab", name="classifier")(
-            h_BTD, deterministic))
+        return mask_padded_vocab(bounded(Classifier(c, c.padded_vocab_size, "emb2vocab",
+                                                    name="classifier")(h_BTD, deterministic)),
+                                 c.vocab_size)
 
 
 class GptBertForBaseModel(GptBertTaskModel):
@@ -423,9 +435,10 @@ class GptBertForMaskedLM(GptBertTaskModel):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                 deterministic=True, output_hidden_states=False) -> LogitsOutput:
+                 deterministic=True, output_hidden_states=False,
+                 loss_counts=None) -> LogitsOutput:
         return self.masked_lm((input_ids, attention_mask, position_ids), labels, None,
-                              deterministic, output_hidden_states)
+                              deterministic, output_hidden_states, loss_counts)
 
 
 class GptBertForPreTraining(GptBertTaskModel):
@@ -434,31 +447,39 @@ class GptBertForPreTraining(GptBertTaskModel):
     LM head. Each objective's loss is its token mean, weighted by its share of the rows, so
     causal rows (every token labelled) do not drown the masked ones (15% labelled). Logits
     are returned as the masked-LM head's (`logits[:, i]` predicts token i). Saved as
-    `GptBertForMaskedLM`, whose parameters these are."""
+    `GptBertForMaskedLM`, whose parameters these are.
+
+    `loss_counts`: a larger batch's labels and rows of each kind ({"causal", "masked",
+    "causal_rows", "rows"}), which the loss is then normalised by (gradient accumulation),
+    instead of this batch's own (returned as `loss_counts`)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                  causal_rows=None, labels=None, deterministic=True,
-                 output_hidden_states=False) -> LogitsOutput:
+                 output_hidden_states=False, loss_counts=None) -> LogitsOutput:
         out = self.encode((input_ids, attention_mask, position_ids), deterministic,
                           output_hidden_states, segment_ids=segment_ids, causal_rows=causal_rows)
         z_BTV = self.lm_logits(out.last_hidden_state, deterministic)
-        loss = None
-        if labels is not None and causal_rows is None:
-            loss = next_token_loss(z_BTV, labels)
-        elif labels is not None:
-            causal_share = jnp.mean(causal_rows.astype(jnp.float32))
-            causal = jnp.where(causal_rows[:, None], labels, losses.IGNORE_INDEX)
-            masked = jnp.where(causal_rows[:, None], losses.IGNORE_INDEX, labels)
-            loss = (causal_share * _or_zero(next_token_loss(z_BTV, causal))
-                    + (1.0 - causal_share) * _or_zero(next_token_loss(z_BTV, masked)))
-        return LogitsOutput(_predicting_own_position(z_BTV, self.config.bos_token_id), loss,
-                            out.hidden_states, out.last_hidden_state)
+        loss = counts = None
+        if labels is not None:
+            rows_B = jnp.zeros(labels.shape[:1], bool) if causal_rows is None else causal_rows
+            causal = jnp.where(rows_B[:, None], labels, losses.IGNORE_INDEX)
+            masked = jnp.where(rows_B[:, None], losses.IGNORE_INDEX, labels)
+            counts = {"causal": next_token_labels(causal), "masked": next_token_labels(masked),
+                      "causal_rows": jnp.sum(rows_B), "rows": jnp.asarray(rows_B.size)}
+            n = counts if loss_counts is None else loss_counts
+            causal_share = n["causal_rows"] / n["rows"]
+            loss = (causal_share * _or_zero(next_token_loss(z_BTV, causal, n["causal"]))
+                    + (1.0 - causal_share) * _or_zero(next_token_loss(z_BTV, masked, n["masked"])))
+        return LogitsOutput(_predicting_own_position(z_BTV, self.config), loss,
+                            out.hidden_states, out.last_hidden_state, loss_counts=counts)
 
 
-def _predicting_own_position(z_BTV, bos_token_id: int):
-    """Next-token logits shifted right by one, a BOS one-hot in front: `[:, i]` predicts i."""
-    bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], bos_token_id), z_BTV.shape[-1])
+def _predicting_own_position(z_BTV, config: GptBertConfig):
+    """Next-token logits shifted right by one, a BOS one-hot in front: `[:, i]` predicts i;
+    over the real vocabulary (`heads.real_vocab`)."""
+    z_BTV = real_vocab(z_BTV, config.vocab_size)
+    bos_BV = jax.nn.one_hot(jnp.full(z_BTV.shape[:1], config.bos_token_id), z_BTV.shape[-1])
     return jnp.concatenate([bos_BV[:, None], z_BTV[:, :-1]], axis=1)
 
 
@@ -478,8 +499,8 @@ class GptBertForCausalLM(GptBertTaskModel):
                           output_hidden_states, past_key_values=past_key_values)
         logits = self.lm_logits(out.last_hidden_state, deterministic)
         loss = None if labels is None else next_token_loss(logits, labels)
-        return LogitsOutput(logits, loss, out.hidden_states, out.last_hidden_state,
-                            out.past_key_values)
+        return LogitsOutput(real_vocab(logits, self.config.vocab_size), loss, out.hidden_states,
+                            out.last_hidden_state, out.past_key_values)
 
 
 class GptBertForSequenceClassification(GptBertTaskModel):

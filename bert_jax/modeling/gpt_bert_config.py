@@ -39,6 +39,7 @@ class GptBertConfig(ModelConfig):
         "Model", "ForMaskedLM", "ForCausalLM", "ForSequenceClassification",
         "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice", "ForPreTraining")
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ModelConfig.RUNTIME_FIELDS + ("window_rule",)
+    ATTENTION_DROPOUT_FIELD: ClassVar[str] = "attention_dropout"
 
     architectures: tuple[str, ...] = ("GptBertForMaskedLM",)
     vocab_size: int = 51200

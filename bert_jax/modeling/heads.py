@@ -16,7 +16,8 @@ class MaskedLMHead(nn.Module):
     """transform (dense -> act -> LayerNorm), then the vocabulary projection plus a bias.
 
     The projection is the word embedding table (`tie_word_embeddings`, the HF default) passed
-    in as `embedding_VD`, or a kernel of its own.
+    in as `embedding_VD`, or a kernel of its own. Returns fp32 logits over the padded
+    vocabulary (`config.padded_vocab_size`), the padding columns masked (`mask_padded_vocab`).
     """
 
     config: BertConfig
@@ -33,13 +34,29 @@ class MaskedLMHead(nn.Module):
         if c.tie_word_embeddings:
             logits_BTV = x @ embedding_VD.astype(dtype).T
         else:
-            logits_BTV = dense(c.vocab_size, ("embed", "vocab"), std=c.initializer_range,
+            logits_BTV = dense(c.padded_vocab_size, ("embed", "vocab"), std=c.initializer_range,
                                dtype=dtype, param_dtype=c.param_dtype, name="decoder",
                                use_bias=False)(x)
         bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                  ("vocab",)),
-                            (c.vocab_size,), c.param_dtype)
-        return logits_BTV.astype(jnp.float32) + bias_V
+                            (c.padded_vocab_size,), c.param_dtype)
+        return mask_padded_vocab(logits_BTV.astype(jnp.float32) + bias_V, c.vocab_size)
+
+
+def mask_padded_vocab(logits_BxV, vocab_size: int):
+    """Logits over a padded vocabulary (`config.vocab_multiple`) with the padding columns at
+    the fp32 minimum, so that no softmax, loss or argmax ever picks them (and they get no
+    gradient). The losses are computed on these, at the padded width, which a mesh's
+    `tensor` axis divides; `real_vocab` cuts the outputs down. Unchanged without padding."""
+    if logits_BxV.shape[-1] == vocab_size:
+        return logits_BxV
+    real_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size
+    return jnp.where(real_V, logits_BxV, jnp.finfo(logits_BxV.dtype).min)
+
+
+def real_vocab(logits_BxV, vocab_size: int):
+    """The logits of the real vocabulary: what every model output holds (`vocab_size` wide)."""
+    return logits_BxV if logits_BxV.shape[-1] == vocab_size else logits_BxV[..., :vocab_size]
 
 
 class Pooler(nn.Module):

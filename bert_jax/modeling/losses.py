@@ -9,13 +9,23 @@ import optax
 IGNORE_INDEX = -100
 
 
-def cross_entropy(logits_BxC, labels_B, ignore_index: int = IGNORE_INDEX) -> jax.Array:
-    """Mean cross-entropy over the labels that are not `ignore_index` (any leading shape)."""
+def cross_entropy(logits_BxC, labels_B, ignore_index: int = IGNORE_INDEX,
+                  count: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy over the labels that are not `ignore_index` (any leading shape).
+
+    `count`: divide by this instead of the number of labels here: a larger batch's, so that
+    the losses of its micro-batches add up to its own (gradient accumulation)."""
     logits = logits_BxC.astype(jnp.float32).reshape(-1, logits_BxC.shape[-1])
     labels = labels_B.reshape(-1)
     valid = labels != ignore_index
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, per_token, 0.0)) / (labelled(labels, ignore_index)
+                                                          if count is None else count)
+
+
+def labelled(labels, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """How many labels count (are not `ignore_index`): what `cross_entropy` divides by."""
+    return jnp.sum(labels != ignore_index)
 
 
 def sequence_classification_loss(logits_BC, labels, problem_type: str | None) -> jax.Array:

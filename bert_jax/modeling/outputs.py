@@ -22,6 +22,7 @@ class PreTrainingOutput:
     seq_relationship_logits: Array
     loss: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
+    loss_counts: dict | None = None  # what the loss divides by (see `losses.cross_entropy`)
 
 
 @struct.dataclass
@@ -36,6 +37,7 @@ class LogitsOutput:
     hidden_states: tuple[Array, ...] | None = None
     last_hidden_state: Array | None = None
     past_key_values: dict | None = None
+    loss_counts: dict | None = None  # of the masked / causal LM losses
 
 
 @struct.dataclass

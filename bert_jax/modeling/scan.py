@@ -17,6 +17,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LAYERS = "layers"  # the scanned module's name, and the logical axis of its stacked params
 _LAYER = re.compile(r"layer_\d+")
@@ -56,12 +57,17 @@ def stack_layers(params: dict[str, Any], per_step: int = 1) -> dict[str, Any]:
     rest = {k: v for k, v in params.items() if _LAYER.fullmatch(k) is None}
 
     def stacked(indices):
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layer_{i}"] for i in indices))
+        return jax.tree.map(lambda *xs: _stack(xs), *(params[f"layer_{i}"] for i in indices))
 
     if per_step == 1:
         return {**rest, LAYERS: stacked(range(num_layers))}
     return {**rest, LAYERS: {f"layer_{j}": stacked(range(j, num_layers, per_step))
                              for j in range(per_step)}}
+
+
+def _stack(arrays):
+    """NumPy arrays stacked on the host (a file's, to be placed on a mesh), others by JAX."""
+    return (np.stack if isinstance(arrays[0], np.ndarray) else jnp.stack)(arrays)
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ How an `AttentionMask` reaches the kernel:
 
 Not expressible (`supports` is False, `attend` falls back to the reference): per-row causal
 (`causal_rows_B`, GPT-BERT pretraining) and explicit positions (`query_positions_BT`, decoding
-caches). Like every fused kernel, no attention dropout.
+caches), each logged once per process. Like every fused kernel it has no attention dropout,
+so `attend` refuses to train with it and attention dropout on.
 """
 
 from __future__ import annotations

@@ -45,8 +45,9 @@ class TaskModel(nn.Module):
         """Question answering's start and end logits `[B, T, 2]`."""
         raise NotImplementedError
 
-    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic: bool):
-        """Masked-LM logits and their loss (None without labels)."""
+    def mlm(self, x_BTD, labels_BT, masked_positions_BP, deterministic: bool, count=None):
+        """(masked-LM logits, their loss, the number of labels it is over); without labels
+        the last two are None. `count` divides the loss instead of that number."""
         raise NotImplementedError
 
     # The task models --------------------------------------------------------------------------
@@ -54,12 +55,16 @@ class TaskModel(nn.Module):
         """The encoder alone, under the name every task model shares its subtree by."""
         return self.encode(inputs, deterministic, output_hidden_states, pooled=True)
 
-    def masked_lm(self, inputs, labels, masked_positions, deterministic,
-                  output_hidden_states) -> LogitsOutput:
+    def masked_lm(self, inputs, labels, masked_positions, deterministic, output_hidden_states,
+                  loss_counts=None) -> LogitsOutput:
+        """`loss_counts`: a larger batch's {"mlm": labels}, which the loss divides by."""
         out = self.encode(inputs, deterministic, output_hidden_states)
-        logits, loss = self.mlm(out.last_hidden_state, labels, masked_positions, deterministic)
+        logits, loss, count = self.mlm(out.last_hidden_state, labels, masked_positions,
+                                       deterministic, None if loss_counts is None
+                                       else loss_counts["mlm"])
         return LogitsOutput(logits, loss, out.hidden_states,
-                            out.last_hidden_state if self.lm_last_hidden_state else None)
+                            out.last_hidden_state if self.lm_last_hidden_state else None,
+                            loss_counts=None if count is None else {"mlm": count})
 
     def sequence_classification(self, inputs, labels, deterministic, output_hidden_states,
                                 segment_ids, cls_positions) -> LogitsOutput:

@@ -22,12 +22,11 @@ from bert_jax.errors import BertJaxError
 from bert_jax.files import local_copy, read_json
 from bert_jax.pretrained import PretrainedModel
 from bert_jax.training.checkpointing import TrainCheckpoints
-from bert_jax.training.finetune import FinetuneOptimizer
 from bert_jax.training.objectives import export_config
-from bert_jax.training.optimizer import OptimizerConfig, build_optimizer
-from bert_jax.training.run import abstract_state
+from bert_jax.training.optimizer import OptimizerConfig, OptimizerSettings, build_optimizer
+from bert_jax.training.run import LAYOUT_FIELDS, abstract_state
 
-RUN_FILES = ("recipe.json", "model_config.json", "tokenizer", "checkpoints")
+RUN_FILES = ("recipe.json", "model_config.json", "model_layout.json", "tokenizer", "checkpoints")
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -44,9 +43,10 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, step: 
     recipe = read_json(run / "recipe.json")
     fine_tuned = "task" in recipe.get("data", {})  # only fine-tuning data sections name a task
     hf_config = read_json(run / "model_config.json")
+    layout = read_json(run / "model_layout.json")  # the params' as checkpointed
     config = family_of(hf_config, str(run / "model_config.json")).config_cls.from_hf_dict(
-        hf_config, scan_layers=recipe["model"].get("scan_layers", False))  # the params' layout
-    optimizer = build_optimizer(_optimizer_config(recipe["optimizer"], fine_tuned))
+        hf_config, **{name: layout[name] for name in LAYOUT_FIELDS}, allow_replication=True)
+    optimizer = build_optimizer(_optimizer_config(recipe["optimizer"]))
     checkpoints = TrainCheckpoints(run / "checkpoints")
     try:
         step = _choose_step(checkpoints, step)
@@ -66,14 +66,12 @@ def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike, step: 
     return step
 
 
-def _optimizer_config(section: dict, fine_tuned: bool) -> OptimizerConfig:
-    """The run's optimizer settings; the schedule (whose length fine-tuning derives from its
-    data) does not change the optimizer state's structure, so one step without warmup
-    stands in for it."""
-    if fine_tuned:
-        settings = dataclasses.replace(FinetuneOptimizer(**section), warmup_steps=0)
-        return settings.optimizer_config(steps=1)
-    return OptimizerConfig(**section)
+def _optimizer_config(section: dict) -> OptimizerConfig:
+    """The run's optimizer settings; the schedule (whose length follows from the run) does
+    not change the optimizer state's structure, so one step without warmup stands in."""
+    shared = {f.name: section[f.name] for f in dataclasses.fields(OptimizerSettings)
+              if f.name in section}
+    return OptimizerConfig(**shared, warmup_steps=0, total_steps=1)
 
 
 def _choose_step(checkpoints: TrainCheckpoints, step: int | None) -> int:

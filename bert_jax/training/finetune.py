@@ -39,13 +39,19 @@ from bert_jax.data.private_batches import PrivateBatches, task_rows
 from bert_jax.data.tokenizer import load_tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.files import atomic_directory, copy_tree
-from bert_jax.pretrained import PretrainedModel, from_pretrained
+from bert_jax.pretrained import from_pretrained, hf_tensors, load_config, placed, resolve
 from bert_jax.sharding import MeshConfig
 from bert_jax.training.loop import global_batch
 from bert_jax.training.optimizer import OptimizerConfig, OptimizerSettings
 from bert_jax.training.privacy import DpConfig
 from bert_jax.training.recipe import ModelSection, TrainSection
-from bert_jax.training.run import TrainingRun, checked_mesh, save_model, use_compilation_cache
+from bert_jax.training.run import (
+    TrainingRun,
+    checked_mesh,
+    mesh_layout,
+    save_model,
+    use_compilation_cache,
+)
 from bert_jax.training.tasks import ClassificationTask, Outputs, Prepared, TaskSection
 
 logger = logging.getLogger("bert_jax")
@@ -73,11 +79,10 @@ class FinetuneOptimizer(OptimizerSettings):
     warmup_steps: int | None = None  # instead of warmup_ratio
 
     def optimizer_config(self, steps: int) -> OptimizerConfig:
-        updates = max(steps // self.accumulation_steps, 1)
         warmup = (self.warmup_steps if self.warmup_steps is not None
-                  else math.ceil(self.warmup_ratio * updates))
+                  else math.ceil(self.warmup_ratio * steps))
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)}
-        return OptimizerConfig(**shared, warmup_steps=warmup, total_steps=updates)
+        return OptimizerConfig(**shared, warmup_steps=warmup, total_steps=steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,9 +114,10 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     t, task = recipe.train, recipe.data
     out = epath.Path(t.output_dir)  # local or gs://
     use_compilation_cache(t.compilation_cache_dir)
-    tokenizer_dir, tokenizer, prepared, config, init_params = load_task(recipe)
     eval_batch_size = t.eval_batch_size or t.batch_size
-    mesh = checked_mesh(recipe.mesh, t.batch_size, eval_batch_size)
+    mesh = checked_mesh(recipe.mesh, t.batch_size, eval_batch_size,
+                        accumulation_steps=recipe.optimizer.accumulation_steps)
+    tokenizer_dir, tokenizer, prepared, config, init_params = load_task(recipe, mesh)
     rows, packing = _packed(task, prepared, recipe.dp)
     steps, steps_per_epoch = run_length(t, len(prepared.train) if rows is None else len(rows),
                                         "examples" if rows is None else "packed rows")
@@ -169,19 +175,22 @@ def finetune(recipe: FinetuneRecipe, resume: bool = False, progress: bool = True
     return metrics
 
 
-def load_task(recipe: FinetuneRecipe):
+def load_task(recipe: FinetuneRecipe, mesh):
     """(tokenizer dir, tokenizer, prepared data, config, params) of the recipe's checkpoint
-    fitted to its task."""
+    fitted to its task and laid out for `mesh`, the params placed there."""
     model = recipe.model
     if not model.init_from:
         raise BertJaxError("model.init_from: required (the checkpoint to fine-tune)")
-    pretrained = from_pretrained(model.init_from, **model.runtime())
-    tokenizer_dir = Path(model.tokenizer or pretrained.source_dir)
+    model_dir = resolve(model.init_from)
+    runtime = {**model.runtime(), **mesh_layout(recipe.mesh, mesh)}
+    saved = load_config(model_dir, **runtime)
+    tokenizer_dir = Path(model.tokenizer or model_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    prepared = _with_checkpoint_labels(recipe.data, pretrained.config).prepare(tokenizer)
+    prepared = _with_checkpoint_labels(recipe.data, saved).prepare(tokenizer)
     if prepared.train is None:
         raise BertJaxError("data.train: required (the examples to fine-tune on)")
-    config, params = task_model(pretrained, recipe.data.HEAD, prepared, model, recipe.train.seed)
+    config, params = task_model(model_dir, saved, recipe.data.HEAD, prepared, model,
+                                recipe.train.seed, mesh, runtime)
     field, limit = config.max_length
     if recipe.data.max_seq_length > limit:
         raise BertJaxError(f"data.max_seq_length={recipe.data.max_seq_length} is more than the "
@@ -193,19 +202,20 @@ def load_task(recipe: FinetuneRecipe):
     return tokenizer_dir, tokenizer, prepared, config, params
 
 
-def task_model(pretrained: PretrainedModel, head: str, prepared: Prepared, model: FinetuneModel,
-               seed: int):
-    """(config, params) of the checkpoint with the task's head and labels. Head weights the
-    checkpoint lacks are initialised (with a warning); ones of another shape are an error,
-    or with `model.ignore_mismatched_sizes` initialised too (as transformers does)."""
-    saved = pretrained.config
+def task_model(model_dir: Path, saved, head: str, prepared: Prepared, model: FinetuneModel,
+               seed: int, mesh=None, runtime: dict | None = None):
+    """(config, params) of the checkpoint in `model_dir` (whose config is `saved`, read with
+    `runtime`) with the task's head and labels, the params placed on `mesh`. Head weights the
+    checkpoint lacks
+    are initialised (with a warning); ones of another shape are an error, or with
+    `model.ignore_mismatched_sizes` initialised too (as transformers does)."""
     num_labels = prepared.num_labels or (len(prepared.labels) if prepared.labels else None)
     config = saved.with_head(head, num_labels)
     config = dataclasses.replace(config, labels=prepared.labels or config.labels,
                                  problem_type=prepared.problem_type)
     if config.head == saved.head and config.num_labels == saved.num_labels:
-        return config, pretrained.params
-    state_dict = hf_dir.hf_state_dict(saved, pretrained.params)
+        return config, from_pretrained(model_dir, mesh=mesh, **(runtime or {})).params
+    state_dict, _ = hf_tensors(model_dir, saved)
     shapes = hf_dir.param_shapes(config)
     mismatched = {}
     for rule in family_of_config(config).mapping.rules(config):
@@ -224,7 +234,8 @@ def task_model(pretrained: PretrainedModel, head: str, prepared: Prepared, model
                        "not match, and are newly initialized: %s", config.architecture,
                        model.init_from, ", ".join(f"{k}: {a} in the checkpoint, {b} here"
                                                   for k, (a, b) in mismatched.items()))
-    return config, hf_dir.params_from_hf(config, state_dict, model.init_from, seed)
+    return config, placed(config, hf_dir.params_from_hf(config, state_dict, model.init_from, seed,
+                                                        on_device=mesh is None), mesh)
 
 
 def run_length(train: FinetuneTrain, num_examples: int,
@@ -245,7 +256,7 @@ def make_outputs_step(config, mesh, names: tuple[str, ...]):
     on every device (then readable on every process)."""
     family = family_of_config(config)
     module = family.build_module(config)
-    params_sharding = sharding.param_shardings(family.abstract_variables(config)["params"], mesh)
+    params_sharding = family.param_shardings(config, mesh)
 
     def outputs(params, batch):
         out = module.apply({"params": params}, **{k: v for k, v in batch.items()

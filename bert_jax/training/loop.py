@@ -2,9 +2,13 @@
 
 `train_loop` runs the steps with a progress bar (loss, tokens/s), logging on process 0
 (`RunLog`, with throughput and model FLOPs utilisation), periodic evaluation, a guard against
-non-finite losses, checkpoints every `save_every` steps and at the end, and a SIGTERM handler
-that saves before exiting (TPU spot preemption). What differs between the two trainers (the
-model, the data, what evaluation means) comes in as arguments.
+non-finite losses, checkpoints every `save_every` steps and at the end, and a save-and-stop on
+SIGTERM (TPU spot preemption) at a step every process agrees on. What differs between the
+two trainers (the model, the data, what evaluation means) comes in as arguments.
+
+The host never waits for the device between two log / eval / save steps: step metrics, the
+non-finite counter included, stay on the device until then, so the host assembles the next
+batches while the chips compute.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bert_jax.errors import BertJaxError
@@ -51,12 +57,12 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
     `logged_with(step)` -> host-side figures logged with each step's metrics (e.g. DP-SGD's
     epsilon so far).
     """
-    out = checkpoints.directory.parent
     start_step = int(state.step)
-    preemption = _Preemption()
+    preemption = Preemption()
+    bad_steps = _NonFiniteSteps(settings.max_bad_steps, checkpoints.directory.parent)
     bar = tqdm(total=settings.steps, initial=start_step, desc=desc, unit="step",
                disable=not (progress and jax.process_index() == 0))
-    metrics, bad_in_a_row = {}, 0
+    metrics, stopped = {}, False
     try:
         with jax.set_mesh(mesh):
             if evaluate is not None and eval_at_start and start_step == 0:
@@ -66,34 +72,35 @@ def train_loop(state: TrainState, step_fn, data, *, settings: LoopSettings, mesh
                 state, step_metrics = step_fn(state, global_batch(local_batch, batch_sharding))
                 throughput.count(local_batch["attention_mask"])
                 consumed.write(step + 1, local_batch["example_id"])
-                bad_in_a_row = bad_in_a_row + 1 if bool(step_metrics["skipped"]) else 0
-                if bad_in_a_row >= settings.max_bad_steps:
-                    raise BertJaxError(f"{bad_in_a_row} non-finite losses in a row at step "
-                                       f"{step + 1}; the last good checkpoint is kept in {out}")
+                bad_steps.add(step_metrics["skipped"])
                 done = step + 1
-                if done % settings.log_every == 0 or done == settings.steps:
+                last = done == settings.steps
+                log_now = done % settings.log_every == 0 or last
+                eval_now = evaluate is not None and (done % settings.eval_every == 0 or last)
+                if log_now or eval_now:
+                    bad_steps.check(done)  # never log, evaluate or save past a bad run
+                if log_now:
                     metrics = {"step": done, **{k: float(v) for k, v in step_metrics.items()},
                                **throughput.report(),
                                **(logged_with(done) if logged_with is not None else {})}
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_second']:,.0f}")
                     log.write(metrics)
-                if evaluate is not None and (done % settings.eval_every == 0
-                                             or done == settings.steps):
+                if eval_now:
                     metrics = {"step": done, **evaluate(state)}
                     log.write(metrics)
-                if done % settings.save_every == 0 or preemption.requested:
+                stopped = preemption.reached(done)
+                if done % settings.save_every == 0 or last or stopped:
+                    bad_steps.check(done)
                     checkpoints.save(done, state, record())
                 bar.update(1)
-                if preemption.requested:
+                if stopped:
                     break
-            if not preemption.requested:
-                checkpoints.save(settings.steps, state, record())
     finally:
         bar.close()
         checkpoints.wait()
         preemption.restore()
-    return state, metrics, preemption.requested
+    return state, metrics, stopped
 
 
 def global_batch(local_batch: dict, batch_sharding, host_only=("example_id",)) -> dict:
@@ -128,16 +135,57 @@ class Throughput:
         return result
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+class _NonFiniteSteps:
+    """The longest run of skipped (non-finite) steps, counted on the device; `check` reads
+    it (a wait for the device) and stops the run once it reaches `limit`."""
+
+    def __init__(self, limit: int, out):
+        self._limit, self._out = limit, out
+        self._counts = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))  # (run, longest)
+
+    def add(self, skipped: jax.Array) -> None:
+        self._counts = _count_skipped(*self._counts, skipped)
+
+    def check(self, step: int) -> None:
+        longest = int(self._counts[1])
+        if longest >= self._limit:
+            raise BertJaxError(f"{longest} non-finite losses in a row by step {step}; the last "
+                               f"good checkpoint is kept in {self._out}")
+
+
+@jax.jit
+def _count_skipped(run, longest, skipped):
+    run = jnp.where(skipped, run + 1, 0)
+    return run, jnp.maximum(longest, run)
+
+
+class Preemption:
+    """SIGTERM (a TPU VM's preemption notice) turned into a step to stop at, the same on
+    every process: one host may get the signal steps before another, and a checkpoint
+    saved at different steps would hang the collective save.
+
+    One process: a signal handler sets a flag the loop reads. Several: JAX's preemption
+    sync point (`jax.distributed`'s coordination service, which catches the signal and
+    agrees on the step with every process; as Orbax and MaxText use it), a host-side
+    exchange that never waits for the devices."""
 
     def __init__(self):
+        self._shared = jax.process_count() > 1
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if not self._shared:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (every process gets the same answer)."""
+        if self._shared:
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(
+                step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._shared:
+            signal.signal(signal.SIGTERM, self._previous)
 

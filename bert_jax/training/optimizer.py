@@ -1,5 +1,6 @@
-"""The optimizer: optax AdamW (or LAMB), warmup + decay schedule, masked weight decay,
-global-norm clipping and gradient accumulation, as BERT was trained.
+"""The optimizer: optax AdamW (or LAMB), warmup + decay schedule, masked weight decay and
+global-norm clipping, as BERT was trained. (Gradient accumulation happens in the train step,
+`train_step.accumulated_loss_and_grads`: one update per step, on the whole batch.)
 
 `build_optimizer(config)` is the only thing a train step needs; the rest is public so tests
 and recipes can check the pieces (the schedule to log the learning rate, the mask to audit
@@ -43,64 +44,68 @@ class OptimizerSettings:
     eps: float = 1e-6
     weight_decay: float = 0.01
     clip_norm: float | None = None  # global-norm clipping of the (accumulated) gradient
+    # Micro-batches each step's batch is split into (same update, less activation memory)
     accumulation_steps: int = 1
+
+    def __post_init__(self):
+        """Every setting checked when the recipe is read, each error naming its field."""
+        if self.name not in OPTIMIZERS:
+            _bad(self, "name", f"is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            _bad(self, "schedule", f"is not one of {', '.join(SCHEDULES)}")
+        if _number(self, "learning_rate") <= 0:
+            _bad(self, "learning_rate", "must be > 0")
+        for field in ("b1", "b2"):
+            if not 0 <= _number(self, field) < 1:
+                _bad(self, field, "must be in [0, 1)")
+        if _number(self, "eps") <= 0:
+            _bad(self, "eps", "must be > 0")
+        if _number(self, "weight_decay") < 0:
+            _bad(self, "weight_decay", "must be >= 0")
+        if self.clip_norm is not None and _number(self, "clip_norm") <= 0:
+            _bad(self, "clip_norm", "must be > 0 (or None for no clipping)")
+        if _integer(self, "accumulation_steps") < 1:
+            _bad(self, "accumulation_steps", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig(OptimizerSettings):
-    """What `build_optimizer` builds, and pretraining's `optimizer:` section.
-
-    `warmup_steps` and `total_steps` count optimizer updates, i.e. accumulated steps: with
-    `accumulation_steps=k` the schedule advances once every k micro-batches.
-    """
+    """What `build_optimizer` builds: `warmup_steps` and `total_steps` count optimizer
+    updates, one per train step (whatever `accumulation_steps`)."""
 
     warmup_steps: int
     total_steps: int
 
     def __post_init__(self):
-        def bad(field: str, why: str):
-            raise BertJaxError(f"optimizer config: {field}={getattr(self, field)!r} {why}")
-
-        def number(field: str) -> float:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                bad(field, "is not a finite number")
-            return value
-
-        def integer(field: str) -> int:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                bad(field, "is not an integer")
-            return value
-
-        if self.name not in OPTIMIZERS:
-            bad("name", f"is not one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"is not one of {', '.join(SCHEDULES)}")
-        if number("learning_rate") <= 0:
-            bad("learning_rate", "must be > 0")
-        for field in ("b1", "b2"):
-            if not 0 <= number(field) < 1:
-                bad(field, "must be in [0, 1)")
-        if number("eps") <= 0:
-            bad("eps", "must be > 0")
-        if number("weight_decay") < 0:
-            bad("weight_decay", "must be >= 0")
-        if self.clip_norm is not None and number("clip_norm") <= 0:
-            bad("clip_norm", "must be > 0 (or None for no clipping)")
-        if integer("accumulation_steps") < 1:
-            bad("accumulation_steps", "must be >= 1")
-        if integer("total_steps") < 1:
-            bad("total_steps", "must be >= 1")
-        if integer("warmup_steps") < 0:
-            bad("warmup_steps", "must be >= 0")
+        super().__post_init__()
+        if _integer(self, "total_steps") < 1:
+            _bad(self, "total_steps", "must be >= 1")
+        if _integer(self, "warmup_steps") < 0:
+            _bad(self, "warmup_steps", "must be >= 0")
         if self.schedule == "constant":
             if self.warmup_steps > self.total_steps:
-                bad("warmup_steps", f"must be <= total_steps ({self.total_steps})")
+                _bad(self, "warmup_steps", f"must be <= total_steps ({self.total_steps})")
         elif self.warmup_steps >= self.total_steps:
-            bad("warmup_steps", f"must be < total_steps ({self.total_steps}) to leave steps "
-                                f"for the {self.schedule} decay")
+            _bad(self, "warmup_steps", f"must be < total_steps ({self.total_steps}) to leave "
+                                       f"steps for the {self.schedule} decay")
+
+
+def _bad(section, field: str, why: str):
+    raise BertJaxError(f"optimizer: {field}={getattr(section, field)!r} {why}")
+
+
+def _number(section, field: str) -> float:
+    value = getattr(section, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _bad(section, field, "is not a finite number")
+    return value
+
+
+def _integer(section, field: str) -> int:
+    value = getattr(section, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _bad(section, field, "is not an integer")
+    return value
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -149,19 +154,13 @@ def decay_mask(params: Any) -> Any:
 
 
 def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm (if set) -> adamw / lamb with the schedule and `decay_mask`,
-    inside `optax.MultiSteps` when accumulating.
-
-    Clipping sits inside MultiSteps, so it clips the mean gradient of the k micro-batches
-    (what one large batch would give), not each micro-batch.
-    """
+    """clip_by_global_norm (if set) -> adamw / lamb with the schedule and `decay_mask`.
+    It sees the whole batch's gradient, accumulated or not, so clipping is the large
+    batch's."""
     schedule = learning_rate_schedule(config)
     make = optax.adamw if config.name == "adamw" else optax.lamb
     step = make(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                 weight_decay=config.weight_decay, mask=decay_mask)
     if config.clip_norm is not None:
         step = optax.chain(optax.clip_by_global_norm(config.clip_norm), step)
-    if config.accumulation_steps > 1:
-        step = optax.MultiSteps(step, every_k_schedule=config.accumulation_steps)
-        step = step.gradient_transformation()
     return step

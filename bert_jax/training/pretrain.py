@@ -21,7 +21,7 @@ import jax
 from bert_jax.data.tokenizer import Tokenizer, load_tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.modeling.presets import preset
-from bert_jax.pretrained import from_pretrained
+from bert_jax.pretrained import from_pretrained, load_config, resolve
 from bert_jax.training.loop import global_batch
 from bert_jax.training.objectives import (
     export_config,
@@ -32,21 +32,28 @@ from bert_jax.training.objectives import (
 )
 from bert_jax.training.plots import plot_loss
 from bert_jax.training.recipe import Recipe
-from bert_jax.training.run import TrainingRun, checked_mesh, save_model, use_compilation_cache
+from bert_jax.training.run import (
+    TrainingRun,
+    checked_mesh,
+    mesh_layout,
+    save_model,
+    use_compilation_cache,
+)
 from bert_jax.training.train_step import make_eval_step
 
 
-def build_model(recipe: Recipe, tokenizer: Tokenizer):
+def build_model(recipe: Recipe, tokenizer: Tokenizer, mesh):
     """(config, params or None): a preset from scratch (with the tokenizer's vocabulary size
-    and special-token ids unless the recipe overrides them), or a checkpoint to continue."""
+    and special-token ids unless the recipe overrides them), or a checkpoint to continue,
+    its params placed on `mesh`."""
     m = recipe.model
-    runtime = m.runtime()
+    runtime = {**m.runtime(), **mesh_layout(recipe.mesh, mesh)}
     if (m.preset is None) == (m.init_from is None):
         raise BertJaxError("recipe model: give exactly one of preset or init_from")
     if m.init_from is not None:
-        config = from_pretrained(m.init_from, **runtime).config
-        head = pretraining_head(config, recipe.data.nsp)
-        return config.with_head(head), from_pretrained(m.init_from, head=head, **runtime).params
+        head = pretraining_head(load_config(resolve(m.init_from), **runtime), recipe.data.nsp)
+        model = from_pretrained(m.init_from, head=head, mesh=mesh, **runtime)
+        return model.config, model.params
     tokens = {"vocab_size": tokenizer.backend.get_vocab_size(),
               **special_token_ids(preset(m.preset), tokenizer)}
     config = preset(m.preset, **runtime, **{**tokens, **m.overrides})
@@ -59,8 +66,10 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
     t = recipe.train
     use_compilation_cache(t.compilation_cache_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    config, init_params = build_model(recipe, tokenizer)
-    mesh = checked_mesh(recipe.mesh, recipe.data.global_batch_size)
+    optimizer_config = recipe.optimizer.optimizer_config(t.steps)
+    mesh = checked_mesh(recipe.mesh, recipe.data.global_batch_size,
+                        accumulation_steps=optimizer_config.accumulation_steps)
+    config, init_params = build_model(recipe, tokenizer, mesh)
     if recipe.dp is None:
         data = pretraining_pipeline(recipe.data, recipe.data.train, config, tokenizer, t.seed)
         plan = None
@@ -69,7 +78,7 @@ def pretrain(recipe: Recipe, tokenizer_dir: str | Path, resume: bool = False,
                                       mesh)
     eval_fn = make_eval_step(config, mesh) if recipe.data.eval else None
     with TrainingRun(recipe, config=config, params=init_params, tokenizer_dir=tokenizer_dir,
-                     mesh=mesh, optimizer_config=recipe.optimizer, plan=plan,
+                     mesh=mesh, optimizer_config=optimizer_config, plan=plan,
                      records={"data": data}, resume=resume,
                      record_example_ids=t.record_example_ids) as run:
         metrics, preempted = run.train(

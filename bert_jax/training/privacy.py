@@ -286,8 +286,8 @@ def make_dp_train_step(config, optimizer, mesh, plan: DpPlan,
     `example_mask` [R] (False on padding; absent means every row is an example). Metrics:
     loss (mean over the examples), grad_norm (of the noised gradient), skipped,
     learning_rate (with `schedule`), and per_example_grad_norm (mean, before clipping),
-    clipped_fraction, examples, nonfinite_examples. The optimizer must not accumulate
-    (`optax.MultiSteps` would add noise per micro-batch): `chunk_size` bounds memory instead.
+    clipped_fraction, examples, nonfinite_examples. `chunk_size` bounds memory, as
+    `accumulation_steps` does for the plain step (which DP-SGD runs refuse).
     """
     loss_fn = model_loss(config)
     dp = plan.config
@@ -297,9 +297,6 @@ def make_dp_train_step(config, optimizer, mesh, plan: DpPlan,
     groups = plan.rows // chunk_size
 
     def step(state: TrainState, batch):
-        if isinstance(state.opt_state, optax.MultiStepsState):
-            raise BertJaxError("dp: the optimizer accumulates gradients; set "
-                               "accumulation_steps=1 and use dp.chunk_size to bound memory")
         if any(x.shape[0] != plan.rows for x in jax.tree.leaves(batch)):
             raise BertJaxError(f"dp: every batch input needs the plan's {plan.rows} rows")
         batch = dict(batch)

@@ -11,6 +11,7 @@ sections both kinds have hold their common keys in one base (`ModelSection`, `Tr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from pathlib import Path
@@ -20,8 +21,10 @@ import yaml
 
 from bert_jax.errors import BertJaxError
 from bert_jax.sharding import MeshConfig
-from bert_jax.training.optimizer import OptimizerConfig
+from bert_jax.training.optimizer import OptimizerConfig, OptimizerSettings
 from bert_jax.training.privacy import DpConfig
+
+logger = logging.getLogger("bert_jax")
 
 # Default of `train.compilation_cache_dir` (pretraining and fine-tuning): compiled programs kept
 # across runs (restarts, resumes, the next run of the same shapes) by JAX's persistent
@@ -79,6 +82,40 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainOptimizer(OptimizerSettings):
+    """Pretraining's `optimizer:` section. The schedule counts optimizer updates, one per
+    train step: `total_steps` is `train.steps` unless given. A longer schedule is a run
+    stopped part-way on purpose (resumed later with more `train.steps`), and says so in the
+    log; a shorter one would train on at learning rate 0, and is refused."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    total_steps: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        OptimizerConfig(**self._shared(), warmup_steps=self.warmup_steps,  # checks them
+                        total_steps=self.total_steps or self.warmup_steps + 1)
+
+    def _shared(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)}
+
+    def optimizer_config(self, steps: int) -> OptimizerConfig:
+        total = steps if self.total_steps is None else self.total_steps
+        if total < steps:
+            raise BertJaxError(f"optimizer.total_steps={total} is less than train.steps={steps}:"
+                               f" the schedule has one update per step and would end at "
+                               f"learning rate 0; leave total_steps out (it follows "
+                               f"train.steps) or make it at least train.steps")
+        if total > steps:
+            logger.warning("train.steps=%d stops the run part-way through its %d-step schedule "
+                           "(optimizer.total_steps); --resume with more train.steps continues it",
+                           steps, total)
+        return OptimizerConfig(**self._shared(), warmup_steps=self.warmup_steps,
+                               total_steps=total)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PretrainTrain(TrainSection):
     output_dir: str = "runs/pretrain"
     seed: int = 0
@@ -94,8 +131,7 @@ class PretrainTrain(TrainSection):
 class Recipe:
     model: PretrainModel = PretrainModel()
     data: DataSection = DataSection()
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=100,
-                                                 total_steps=1000)
+    optimizer: PretrainOptimizer = PretrainOptimizer()
     mesh: MeshConfig = MeshConfig()
     train: PretrainTrain = PretrainTrain()
     dp: DpConfig | None = None  # DP-SGD (masked LM only, no NSP): see training/privacy.py

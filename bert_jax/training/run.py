@@ -40,6 +40,8 @@ from bert_jax.training.train_step import (
 )
 
 MIN_CACHED_COMPILE_SECONDS = 1.0
+# The runtime settings that shape the params in checkpoints (`model_layout.json`)
+LAYOUT_FIELDS = ("scan_layers", "vocab_multiple")
 
 
 def use_compilation_cache(directory: str | None) -> None:
@@ -54,12 +56,26 @@ def use_compilation_cache(directory: str | None) -> None:
     compilation_cache.reset_cache()  # a compile before this call has settled "no cache"
 
 
-def checked_mesh(config: MeshConfig, *batch_sizes: int):
-    """The recipe's device mesh, once every one of `batch_sizes` is known to split over it."""
-    mesh = sharding.make_mesh(config)
-    for batch_size in batch_sizes:
+def checked_mesh(config: MeshConfig, train_batch: int, *eval_batches: int,
+                 accumulation_steps: int = 1, devices=None):
+    """The recipe's device mesh (over `devices`, default all), once every batch is known to
+    split over it: the train batch's `accumulation_steps` micro-batches and the
+    `eval_batches`."""
+    mesh = sharding.make_mesh(config, devices=devices)
+    if train_batch % accumulation_steps:
+        raise BertJaxError(f"optimizer.accumulation_steps={accumulation_steps} does not divide "
+                           f"the global batch of {train_batch}")
+    for batch_size in (train_batch // accumulation_steps, *eval_batches):
         sharding.check_batch_size(batch_size, mesh)
     return mesh
+
+
+def mesh_layout(mesh_config: MeshConfig, mesh) -> dict:
+    """The model's runtime settings for `mesh`: the vocabulary padded to a multiple of 128 x
+    the tensor axis (Megatron's and MaxText's rule, so the embedding and decoder split over
+    it), and the recipe's choice for other params the mesh does not divide."""
+    return {"vocab_multiple": sharding.vocab_multiple(mesh),
+            "allow_replication": mesh_config.allow_replication}
 
 
 class TrainingRun:
@@ -79,10 +95,7 @@ class TrainingRun:
         self.out = epath.Path(t.output_dir)  # local or gs://
         self.mesh, self.batch_sharding = mesh, sharding.batch_sharding(mesh, 1)
         self._recipe, self._config, self._plan, self._records = recipe, config, plan, records
-        optimizer = build_optimizer(optimizer_config)
-        schedule = learning_rate_schedule(optimizer_config)
-        self._step_fn = (make_train_step(config, optimizer, mesh, schedule) if plan is None
-                         else make_dp_train_step(config, optimizer, mesh, plan, schedule))
+        optimizer, self._step_fn = train_step(config, optimizer_config, mesh, plan)
         self._checkpoints = TrainCheckpoints(self.out / "checkpoints",
                                              max_to_keep=t.keep_checkpoints)
         self.state, record = restore_or_create(
@@ -123,6 +136,20 @@ class TrainingRun:
         return metrics, preempted
 
 
+def train_step(config, optimizer_config: OptimizerConfig, mesh, plan: DpPlan | None):
+    """(optimizer, jitted step(state, batch)) of a run: DP-SGD's step when `plan` draws its
+    data. What `TrainingRun` trains with and `compile` compiles ahead of time."""
+    optimizer = build_optimizer(optimizer_config)
+    schedule = learning_rate_schedule(optimizer_config)
+    accumulation = optimizer_config.accumulation_steps
+    if plan is not None and accumulation > 1:
+        raise BertJaxError("optimizer.accumulation_steps: DP-SGD runs take 1 (dp.chunk_size "
+                           "bounds their memory instead)")
+    step = (make_train_step(config, optimizer, mesh, schedule, accumulation) if plan is None
+            else make_dp_train_step(config, optimizer, mesh, plan, schedule))
+    return optimizer, step
+
+
 def restore_or_create(checkpoints: TrainCheckpoints, resume: bool, config, optimizer, mesh,
                       create: Callable[[], TrainState]) -> tuple[TrainState, dict | None]:
     """(state, its checkpoint's record) of the newest checkpoint when resuming, else
@@ -151,6 +178,8 @@ def run_directory(out: epath.Path, recipe, config, tokenizer_dir: str | Path) ->
     if jax.process_index() == 0:
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
         (out / "model_config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        (out / "model_layout.json").write_text(json.dumps(
+            {name: getattr(config, name) for name in LAYOUT_FIELDS}, indent=2))
         with atomic_directory(out / "tokenizer") as staging:
             copy_tokenizer_files(Path(tokenizer_dir), staging)
 

@@ -2,12 +2,15 @@
 
 `create_train_state` never materialises the model on one device: shapes come from
 `jax.eval_shape`, shardings from the logical axis rules, and the init runs under `jax.jit`
-with those `out_shardings`. `make_train_step` compiles the step with the same shardings and
-donates the old state.
+with those `out_shardings`; loaded params enter it as an argument, already placed, never as
+constants of the program. `make_train_step` compiles the step with the same shardings and
+donates the old state; with `accumulation_steps` it scans over micro-batches inside that one
+program, so the update is the large batch's.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bert_jax import sharding
 from bert_jax.convert.families import family_of_config
@@ -32,9 +36,9 @@ class TrainState:
 def state_shardings(config, optimizer: optax.GradientTransformation, mesh):
     """Shardings of every TrainState leaf: optimizer moments follow their params."""
     family = family_of_config(config)
-    boxed = family.abstract_variables(config)["params"]
-    params = sharding.param_shardings(boxed, mesh)
-    abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
+    params = family.param_shardings(config, mesh)
+    abstract_opt_state = jax.eval_shape(
+        optimizer.init, nn.meta.unbox(family.abstract_variables(config)["params"]))
     opt_state = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_opt_state, params,
         transform_non_params=lambda _: sharding.replicated(mesh))
@@ -43,17 +47,29 @@ def state_shardings(config, optimizer: optax.GradientTransformation, mesh):
 
 
 def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> TrainState:
-    """A fresh (or, given `params`, a continued-pretraining) state, placed by `mesh`."""
+    """A fresh (or, given `params`, a continued-pretraining) state, placed by `mesh`.
+    `params` should already be placed (`pretrained.from_pretrained(..., mesh=mesh)`); they
+    are donated to the state."""
+    return state_initializer(config, optimizer, mesh, fresh=params is None)(
+        jax.random.key(seed), params)
+
+
+def state_initializer(config, optimizer, mesh, *, fresh: bool):
+    """init(key, params) -> TrainState, jitted into `mesh`'s shardings: params drawn from
+    `key` when `fresh` (then `params` is None), else `params` taken as they are."""
     family = family_of_config(config)
     shardings = state_shardings(config, optimizer, mesh)
 
-    def init(key):
+    def init(key, params):
         init_key, dropout_key = jax.random.split(key)
-        p = params if params is not None else family.fresh_params(config, init_key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                          rng=jax.random.key_data(dropout_key))
+        if fresh:
+            params = family.fresh_params(config, init_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.key_data(dropout_key))
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return jax.jit(init, in_shardings=(sharding.replicated(mesh),
+                                       None if fresh else shardings.params),
+                   out_shardings=shardings, donate_argnums=1)
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -61,16 +77,59 @@ def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def model_loss(config) -> Callable[[Any, dict, jax.Array], jax.Array]:
-    """loss(params, batch, dropout_key): the model's own loss on `batch` (as transformers)."""
+def model_loss(config) -> Callable[..., jax.Array]:
+    """loss(params, batch, dropout_key, **kw): the model's own loss on `batch` (as
+    transformers); `kw` goes to the model (e.g. `loss_counts`)."""
     module = family_of_config(config).build_module(config)
 
-    def loss_fn(params, batch, dropout_key):
-        out = module.apply({"params": params}, **batch, deterministic=False,
+    def loss_fn(params, batch, dropout_key, **kw):
+        out = module.apply({"params": params}, **batch, **kw, deterministic=False,
                            rngs={"dropout": dropout_key})
         return out.loss
 
     return loss_fn
+
+
+def accumulated_loss_and_grads(config, steps: int, mesh):
+    """f(params, batch, key) -> (loss, grads) of the whole batch, computed `steps`
+    micro-batches at a time in a `lax.scan` (one program, one micro-batch of activations).
+
+    The result is the large batch's: models that normalise their loss by labelled tokens
+    (masked LM, NSP, GPT-BERT's hybrid objective: those taking `loss_counts`) divide every
+    micro-batch's sum by the whole batch's counts, so a micro-batch with more masked tokens
+    weighs more, exactly as in one large batch; the other heads' losses (one per example)
+    are averaged. Micro-batch j holds rows j, j + steps, ...: each device keeps its own rows.
+    """
+    module = family_of_config(config).build_module(config)
+    loss_fn = model_loss(config)
+    by_count = "loss_counts" in inspect.signature(module.__call__).parameters
+    value_and_grad = jax.value_and_grad(loss_fn)
+    if steps == 1:
+        return value_and_grad
+
+    def micro_batches(x):
+        x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES)))
+
+    def f(params, batch, key):
+        counts = (module.apply({"params": params}, **batch).loss_counts if by_count else None)
+        kw = {} if counts is None else {"loss_counts": counts}  # a forward XLA drops: counts
+        # depend on the labels alone
+
+        def add(total, micro):
+            index, micro_batch = micro
+            loss, grads = value_and_grad(params, micro_batch, jax.random.fold_in(key, index), **kw)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(steps),
+                                                     jax.tree.map(micro_batches, batch)))
+        if counts is None:
+            loss, grads = jax.tree.map(lambda x: x / steps, (loss, grads))
+        return loss, grads
+
+    return f
 
 
 def apply_gradients(state: TrainState, optimizer, loss, grads,
@@ -103,14 +162,17 @@ def jit_step(step, config, optimizer, mesh):
 
 
 def make_train_step(config, optimizer, mesh,
-                    schedule: Callable[[jax.Array], jax.Array] | None = None):
-    """step(state, batch) -> (state, metrics). `batch` holds the model's keyword inputs
-    (labels included) as [B, ...] arrays; the loss is the model's own (as transformers).
-    Call it under `jax.set_mesh(mesh)`, which lets the model keep activations batch-split."""
-    loss_fn = model_loss(config)
+                    schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    accumulation_steps: int = 1):
+    """step(state, batch) -> (state, metrics): one optimizer update on the whole batch.
+    `batch` holds the model's keyword inputs (labels included) as [B, ...] arrays; the loss
+    is the model's own (as transformers), over `accumulation_steps` micro-batches of
+    B / accumulation_steps rows (`accumulated_loss_and_grads`). Call it under
+    `jax.set_mesh(mesh)`, which lets the model keep activations batch-split."""
+    loss_and_grads = accumulated_loss_and_grads(config, accumulation_steps, mesh)
 
     def step(state: TrainState, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key(state))
+        loss, grads = loss_and_grads(state.params, batch, step_key(state))
         return apply_gradients(state, optimizer, loss, grads, schedule)
 
     return jit_step(step, config, optimizer, mesh)
@@ -120,9 +182,9 @@ def make_eval_step(config, mesh):
     """eval(params, batch) -> summed loss / correct / counts (add over batches, then divide):
     masked-LM loss and accuracy over labelled tokens (`mlm_*`), NSP accuracy when the head has
     it, and for GPT-BERT's mixed batches the causal rows apart (`causal_*`)."""
-    module = family_of_config(config).build_module(config)
-    params_sharding = sharding.param_shardings(
-        family_of_config(config).abstract_variables(config)["params"], mesh)
+    family = family_of_config(config)
+    module = family.build_module(config)
+    params_sharding = family.param_shardings(config, mesh)
 
     def evaluate(params, batch):
         out = module.apply({"params": params}, **batch)
