@@ -28,12 +28,17 @@ def causal():
 
 
 def recompute_greedy(model, prompt, steps):
-    """The slow oracle: a full causal forward over the whole sequence for every new token."""
+    """The slow oracle: a full causal forward over the whole sequence for every new token
+    (right-padded to its final length, which a causal model's earlier positions never see:
+    one compiled shape)."""
     sequence, new = list(prompt), []
+    length = len(prompt) + steps
     for _ in range(steps):
-        logits = np.asarray(model(np.array([sequence]), attention_mask=np.ones((1, len(sequence)),
-                                                                              int)).logits)
-        new.append(int(np.argmax(logits[0, -1])))
+        ids = np.zeros((1, length), int)
+        ids[0, :len(sequence)] = sequence
+        mask = (np.arange(length) < len(sequence)).astype(int)[None]
+        logits = np.asarray(model(ids, attention_mask=mask).logits)
+        new.append(int(np.argmax(logits[0, len(sequence) - 1])))
         sequence.append(new[-1])
     return new
 
