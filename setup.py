@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 
 VERSION_FILE = Path(__file__).parent / "bert_jax" / "version.py"
 VERSION = re.search(r'__version__ = "([^"]+)"', VERSION_FILE.read_text()).group(1)
+LIBTPU = "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'"
 
 setup(
     name="bert_jax",
@@ -46,6 +47,10 @@ setup(
         # gs:// run directories and data (etils.epath and Orbax); the tests mock GCS, so these
         # are not exercised here (launch/ installs this extra on TPU VMs).
         "gcs": ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"],
+        # `bert-jax compile --topology v5e:4x4`: libtpu compiles for a TPU slice on any Linux
+        # x86-64 machine, no TPU needed (its only wheels); the release jax 0.10.2's `jax[tpu]`
+        # pins. Without TPU chips JAX still runs on the CPU (the CLI keeps libtpu's start quiet).
+        "tpu": [LIBTPU],
         "test": [
             "pytest>=8",
             "ruff==0.17.6",  # .ci/run lints before the tests (rules in pyproject.toml)
@@ -60,6 +65,7 @@ setup(
             "nbclient==0.11.0",
             "nbformat==5.11.1",
             "ipykernel==7.4.0",
+            LIBTPU,  # tests/test_compile.py compiles for TPU topologies
         ],
     },
     entry_points={"console_scripts": ["bert-jax=bert_jax.cli:main"]},

@@ -162,26 +162,88 @@ def _training_arguments(p: argparse.ArgumentParser, example: str) -> None:
                        help="process 0's address, elsewhere (with the next two)")
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
+    group = p.add_argument_group("compile only", "compile the recipe's train step and report "
+                                 "its memory, FLOPs and collectives instead of training (as "
+                                 "`bert-jax compile`)")
+    group.add_argument("--compile-only", action="store_true", help="compile, do not train")
+    _compile_arguments(group)
 
 
-def cmd_pretrain(args) -> None:
+def _compile_arguments(p) -> None:
+    p.add_argument("--topology", metavar="CHIP:AxB[xC]",
+                   help="a TPU slice to compile for, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:4x4 "
+                   "(needs libtpu, not the TPU); default: this machine's devices")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+
+
+def _compile(args, recipe, tokenizer_dir: str | None = None, model: str | None = None) -> int:
+    """Compile the recipe's train step and print the report; 1 when it does not fit."""
+    import jax
+
+    from bert_jax.training.compile import compile_recipe
+
+    report = compile_recipe(recipe, topology=args.topology, tokenizer_dir=tokenizer_dir,
+                            model=model, name=args.config)
+    if jax.process_index() == 0:
+        print(report.format())
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n",
+                                       encoding="utf-8")
+    return 1 if report.fits is False else 0
+
+
+def cmd_pretrain(args) -> int:
     from bert_jax.training.pretrain import pretrain
     from bert_jax.training.recipe import load_recipe
 
     with _distributed(args):
         recipe = load_recipe(args.config, args.set or [])
+        if args.compile_only:
+            return _compile(args, recipe, args.tokenizer)
         metrics = pretrain(recipe, args.tokenizer, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics))
+    return 0
 
 
-def cmd_finetune(args) -> None:
+def cmd_finetune(args) -> int:
     from bert_jax.training.finetune import FinetuneRecipe, finetune
     from bert_jax.training.recipe import load_recipe
 
     with _distributed(args):
         recipe = load_recipe(args.config, args.set or [], FinetuneRecipe)
+        if args.compile_only:
+            return _compile(args, recipe)
         metrics = finetune(recipe, resume=args.resume, progress=not args.quiet)
     print(json.dumps(metrics))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from bert_jax.training.compile import load_any_recipe
+
+    return _compile(args, load_any_recipe(args.config, args.set or []), args.tokenizer,
+                    args.model)
+
+
+def _libtpu_without_tpu() -> None:
+    """libtpu installed (for `compile --topology`) on a machine without TPU chips. JAX's start
+    tries the TPU runtime, which looks for TPU VM metadata, prints warnings and leaves JAX on
+    the CPU: naming an accelerator type and this host keeps it quiet. libtpu also lets only
+    one process at a time load it (a lock file), which guards chips there are none of here:
+    several compiles may run at once. Nothing else changes, and nothing is set where a Google
+    PCI device (a TPU chip) is attached."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        with contextlib.suppress(OSError), open(vendor) as f:
+            if f.read().strip() == "0x1ae0":
+                return
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def cmd_export(args) -> None:
@@ -336,6 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(p, "configs/finetune-sst2.yaml")
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("compile", help="compile a recipe's train step for a TPU slice and "
+                       "report memory, FLOPs and collectives",
+                       description="Compile the train step of a pretraining or fine-tuning "
+                       "recipe ahead of time, for a TPU topology this machine need not have "
+                       "(libtpu compiles for it) or for this machine's devices, without reading "
+                       "data. Prints, per chip, the bytes the step holds against the chip's HBM "
+                       "(FITS / DOES NOT FIT; exit status 1 when it does not fit), the FLOPs "
+                       "per step, the XLA cost model's step time and the MFU it implies (an "
+                       "estimate, not a measurement), and the collectives of the partitioned "
+                       "program.")
+    p.add_argument("--config", required=True, help="a pretraining or fine-tuning recipe YAML, "
+                   "e.g. configs/bert-base-cased-phase1.yaml")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    _compile_arguments(p)
+    p.add_argument("--tokenizer", metavar="DIR", help="pretraining from a preset: the tokenizer "
+                   "whose vocabulary the run will have (default: the preset's vocabulary size)")
+    p.add_argument("--model", metavar="PRESET_OR_DIR", help="the model the recipe's init_from "
+                   "checkpoint holds, when that is not on this machine: a preset name (e.g. "
+                   "bert-base-cased) or a model directory")
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("export", help="export a training checkpoint as a model directory",
                        description="Write the model of any saved step of a pretrain or "
                        "finetune run (default: the newest complete one) as the run's own "
@@ -361,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _libtpu_without_tpu()
     try:
-        args.func(args)
+        status = args.func(args)
     except BertJaxError as err:
         print(f"bert-jax: error: {err}", file=sys.stderr)
         return 1
@@ -371,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `bert-jax inspect DIR | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

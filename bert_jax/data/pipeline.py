@@ -176,6 +176,32 @@ def gpt_bert_pipeline(shards: list[str], *, seed: int, global_batch_size: int,
                     worker_count)
 
 
+BatchSpec = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype)
+
+
+def bert_batch_spec(rows: int, max_seq_length: int, *, nsp: bool = True,
+                    max_predictions_per_seq: int | None = None) -> BatchSpec:
+    """The arrays of a `bert_pipeline` batch of `rows` rows, read from no data (what an
+    ahead-of-time compile of the train step takes)."""
+    row, tokens = (rows,), (rows, max_seq_length)
+    spec = {name: (tokens, np.dtype(np.int32))
+            for name in ("input_ids", "token_type_ids", "attention_mask", "labels")}
+    if nsp:
+        spec["next_sentence_label"] = (row, np.dtype(np.int32))
+    if max_predictions_per_seq is not None:
+        spec["masked_positions"] = ((rows, max_predictions_per_seq), np.dtype(np.int32))
+    return spec | {"example_id": (row, np.dtype(np.int64))}
+
+
+def gpt_bert_batch_spec(rows: int, max_seq_length: int) -> BatchSpec:
+    """The arrays of a `gpt_bert_pipeline` batch of `rows` rows, read from no data."""
+    tokens = (rows, max_seq_length)
+    spec = {name: (tokens, np.dtype(np.int32)) for name in
+            ("input_ids", "attention_mask", "labels", "segment_ids", "position_ids")}
+    return spec | {"causal_rows": ((rows,), np.dtype(bool)),
+                   "example_id": ((rows,), np.dtype(np.int64))}
+
+
 def split_example_id(example_id, num_documents: int):
     """(epoch, document index, instance index within the document) of `bert_pipeline` ids."""
     example_id = np.asarray(example_id, np.int64)

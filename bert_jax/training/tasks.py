@@ -167,13 +167,15 @@ class QuestionAnsweringTask:
             return {"loss": float(loss), **{k: v for k, v in metrics.items()
                                             if not k.endswith("total")}}
 
-        def model_batch(batch: dict, split: str) -> dict:
-            positions = batch.pop("labels")
-            return {**batch, "start_positions": positions[:, 0], "end_positions": positions[:, 1]}
-
         return Prepared(train, eval_features, None, None, ("f1", "exact_match"), score,
-                        outputs=("start_logits", "end_logits"), model_batch=model_batch,
+                        outputs=("start_logits", "end_logits"), model_batch=span_positions,
                         num_labels=2)
+
+
+def span_positions(batch: dict, split: str) -> dict:
+    """A QA batch's `[B, 2]` answer spans as the model's start_positions / end_positions."""
+    positions = batch.pop("labels")
+    return {**batch, "start_positions": positions[:, 0], "end_positions": positions[:, 1]}
 
 
 @dataclasses.dataclass(frozen=True)
