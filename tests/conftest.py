@@ -41,7 +41,10 @@ def simulated_devices_env(devices: int) -> dict[str, str]:
 def optimised_env() -> dict[str, str]:
     """The environment of a process whose XLA optimises as usual: for a run of many steps,
     which unoptimised code makes ~3x slower."""
-    return {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(UNOPTIMISED, "")}
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(UNOPTIMISED, "").strip()}
+    if not env["XLA_FLAGS"]:  # XLA reads a blank value as a file name
+        del env["XLA_FLAGS"]
+    return env
 
 
 def pytest_configure(config):

@@ -48,8 +48,7 @@ def state_shardings(config, optimizer: optax.GradientTransformation, mesh):
 
 def create_train_state(config, optimizer, mesh, seed: int = 0, params=None) -> TrainState:
     """A fresh (or, given `params`, a continued-pretraining) state, placed by `mesh`.
-    `params` should already be placed (`pretrained.from_pretrained(..., mesh=mesh)`); they
-    are donated to the state."""
+    `params` should already be placed (`pretrained.from_pretrained(..., mesh=mesh)`)."""
     return state_initializer(config, optimizer, mesh, fresh=params is None)(
         jax.random.key(seed), params)
 
@@ -69,7 +68,7 @@ def state_initializer(config, optimizer, mesh, *, fresh: bool):
 
     return jax.jit(init, in_shardings=(sharding.replicated(mesh),
                                        None if fresh else shardings.params),
-                   out_shardings=shardings, donate_argnums=1)
+                   out_shardings=shardings)
 
 
 def step_key(state: TrainState) -> jax.Array:
